@@ -1,0 +1,161 @@
+"""The canonical dataset: one on-disk form every source is converted into.
+
+    images.npy        uint8, N×H×W (grayscale) or N×H×W×C (RGB)
+    metadata.parquet  image_id, split, label, [patient_id], [attributes...], sha256 (of the pixels)
+    dataset.json      header: source, content hash, class names, license, counts, duplicate findings
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from synth.artifacts import atomic_dir, read_header, verify_content, write_header
+from synth.errors import InputError, where
+
+KIND = "dataset"
+SCHEMA_VERSION = 1
+HEADER = "dataset.json"
+IMAGES = "images.npy"
+METADATA = "metadata.parquet"
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+SPLIT_ORDER = {name: i for i, name in enumerate((*SPLITS, "synthetic"))}
+REQUIRED_COLUMNS = ("image_id", "split", "label", "sha256")
+
+
+def pixel_sha256(images: np.ndarray) -> list[str]:
+    """sha256 of each image's raw uint8 bytes (C order); equal pixels give equal hashes."""
+    import hashlib
+
+    return [hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest() for img in images]
+
+
+def image_spec(images: np.ndarray) -> dict[str, Any]:
+    """Height, width, channels and dtype of an N×H×W[×C] array."""
+    channels = 1 if images.ndim == 3 else int(images.shape[3])
+    return {
+        "height": int(images.shape[1]),
+        "width": int(images.shape[2]),
+        "channels": channels,
+        "dtype": str(images.dtype),
+    }
+
+
+def split_counts(metadata: pd.DataFrame, class_names: Sequence[str]) -> dict[str, Any]:
+    """Per-split totals and per-split, per-class counts."""
+    counts: dict[str, Any] = {}
+    per_class: dict[str, dict[str, int]] = {}
+    for split in sorted(metadata["split"].unique(), key=lambda s: SPLIT_ORDER.get(s, 99)):
+        rows = metadata[metadata["split"] == split]
+        counts[split] = len(rows)
+        per_class[split] = {
+            name: int((rows["label"] == i).sum()) for i, name in enumerate(class_names)
+        }
+    counts["total"] = len(metadata)
+    counts["per_class"] = per_class
+    return counts
+
+
+def write_dataset(
+    out: Path,
+    images: np.ndarray,
+    metadata: pd.DataFrame,
+    *,
+    class_names: Sequence[str],
+    source: Mapping[str, Any],
+    license: str = "unknown",
+    attribution: str = "",
+    duplicates: Mapping[str, Any] | None = None,
+    inputs: Mapping[str, str] | None = None,
+    config: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a canonical dataset atomically to `out` and return `out`.
+
+    `metadata` needs `image_id`, `split`, `label` (int, index into `class_names`); `sha256` is computed here.
+    """
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise InputError(where(out, f"images must be uint8 N×H×W[×C], got {images.dtype} {images.shape}"))
+    if len(images) != len(metadata):
+        raise InputError(where(out, f"{len(images)} images but {len(metadata)} metadata rows"))
+    meta = metadata.reset_index(drop=True).copy()
+    meta["image_id"] = meta["image_id"].astype(str)
+    meta["split"] = meta["split"].astype(str)
+    meta["label"] = meta["label"].astype("int64")
+    meta["sha256"] = pixel_sha256(images)
+    ordered = ["image_id", "split", "label"]
+    if "patient_id" in meta.columns:
+        meta["patient_id"] = meta["patient_id"].astype(str)
+        ordered.append("patient_id")
+    ordered += [c for c in meta.columns if c not in (*ordered, "sha256")] + ["sha256"]
+    meta = meta[ordered]
+    attributes = [c for c in ordered if c not in ("image_id", "split", "label", "patient_id", "sha256")]
+
+    with atomic_dir(Path(out), overwrite=overwrite) as tmp:
+        np.save(tmp / IMAGES, np.ascontiguousarray(images), allow_pickle=False)
+        meta.to_parquet(tmp / METADATA, index=False)
+        body = {
+            "source": dict(source),
+            "class_names": list(class_names),
+            "license": license,
+            "attribution": attribution,
+            "image": image_spec(images),
+            "attributes": attributes,
+            "has_patient_id": "patient_id" in meta.columns,
+            "counts": split_counts(meta, class_names),
+            "duplicates": dict(duplicates or {}),
+            **dict(extra or {}),
+        }
+        write_header(
+            tmp, HEADER, kind=KIND, schema_version=SCHEMA_VERSION, files=[IMAGES, METADATA],
+            inputs=inputs, config=config, body=body,
+        )
+    return Path(out)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A canonical dataset on disk. Images are memory-mapped, so opening one is cheap."""
+
+    root: Path
+    header: dict[str, Any]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.header["class_names"])
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.header["content_hash"])
+
+    @cached_property
+    def images(self) -> np.ndarray:
+        return np.load(self.root / IMAGES, mmap_mode="r", allow_pickle=False)
+
+    @cached_property
+    def metadata(self) -> pd.DataFrame:
+        return pd.read_parquet(self.root / METADATA)
+
+    def split(self, name: str) -> tuple[np.ndarray, pd.DataFrame]:
+        """Images (loaded into memory) and metadata rows of one split."""
+        mask = (self.metadata["split"] == name).to_numpy()
+        return np.asarray(self.images[mask]), self.metadata[mask].reset_index(drop=True)
+
+
+def load_dataset(root: Path, *, verify: bool = False) -> Dataset:
+    """Open a canonical dataset; with `verify`, check its files against the header's content hash."""
+    root = Path(root)
+    header = read_header(root, HEADER, kind=KIND)
+    for name in (IMAGES, METADATA):
+        if not (root / name).is_file():
+            raise InputError(where(root, f"dataset is missing {name}"))
+    if verify:
+        verify_content(root, header)
+    return Dataset(root=root, header=header)

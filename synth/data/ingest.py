@@ -1,0 +1,121 @@
+"""Ingest: any supported source → one canonical dataset directory.
+
+Sources: a MedMNIST `.npz` (or a known set's name, e.g. `pneumoniamnist`), an image folder + CSV, a DICOM folder +
+CSV. Exact duplicates are found by pixel hash and handled by the duplicate policy before writing.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+
+from synth.data.canonical import pixel_sha256, write_dataset
+from synth.data.duplicates import DuplicatePolicy, apply_policy
+from synth.data.sources import SourceData
+from synth.errors import InputError, where
+
+
+class SourceFormat(StrEnum):
+    AUTO = "auto"
+    MEDMNIST = "medmnist"
+    IMAGEFOLDER = "imagefolder"
+    DICOM = "dicom"
+
+
+_DICOM_SUFFIXES = {".dcm", ".dicom", ""}
+
+
+def detect_format(source: Path, csv: Path | None) -> SourceFormat:
+    """Guess the source format from what is on disk."""
+    if source.suffix.lower() == ".npz" or (not source.exists() and csv is None):
+        return SourceFormat.MEDMNIST
+    if not source.exists():
+        raise InputError(where(source, "no such file or directory"))
+    if source.is_file():
+        raise InputError(where(source, "is a file but not an .npz; give an .npz or a folder with --csv"))
+    if csv is None:
+        raise InputError(where(source, "is a folder: pass --csv FILE naming its images and labels"))
+    files = [p for p in source.rglob("*") if p.is_file()]
+    dicom = [p for p in files if p.suffix.lower() in _DICOM_SUFFIXES and _looks_like_dicom(p)]
+    return SourceFormat.DICOM if dicom else SourceFormat.IMAGEFOLDER
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def read_source(
+    source: str | Path,
+    *,
+    csv: Path | None = None,
+    fmt: SourceFormat | str = SourceFormat.AUTO,
+    size: int | None = None,
+    channels: int | None = None,
+    seed: int = 0,
+) -> SourceData:
+    """Read any supported source into memory."""
+    fmt = SourceFormat(fmt)
+    path = Path(source).expanduser()
+    if fmt is SourceFormat.AUTO:
+        fmt = detect_format(path, csv)
+    if fmt is SourceFormat.MEDMNIST:
+        from synth.data.medmnist import read_medmnist
+
+        if size is not None or channels is not None:
+            raise InputError(where(source, "--size/--channels apply to image folders and DICOM, not .npz"))
+        return read_medmnist(str(source))
+    if csv is None:
+        raise InputError(where(source, f"the {fmt.value} format needs --csv FILE"))
+    if fmt is SourceFormat.IMAGEFOLDER:
+        from synth.data.imagefolder import read_imagefolder
+
+        return read_imagefolder(path, Path(csv), size=size, channels=channels, seed=seed)
+    from synth.data.dicom import read_dicom
+
+    if channels not in (None, 1):
+        raise InputError(where(source, "DICOM images are read as grayscale; --channels must be 1"))
+    return read_dicom(path, Path(csv), size=size, seed=seed)
+
+
+def ingest(
+    source: str | Path,
+    out: Path,
+    *,
+    csv: Path | None = None,
+    fmt: SourceFormat | str = SourceFormat.AUTO,
+    size: int | None = None,
+    channels: int | None = None,
+    duplicate_policy: DuplicatePolicy | str = DuplicatePolicy.COLLAPSE,
+    license: str | None = None,
+    attribution: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Read `source`, apply the duplicate policy and write the canonical dataset to `out` (atomically)."""
+    out = Path(out)
+    if out.exists():
+        raise InputError(where(out, "already exists; choose another --out or remove it"))
+    data = read_source(source, csv=csv, fmt=fmt, size=size, channels=channels, seed=seed)
+    metadata = data.metadata.copy()
+    metadata["sha256"] = pixel_sha256(data.images)
+    keep, findings = apply_policy(metadata, duplicate_policy)
+    kept_meta = metadata[keep].drop(columns="sha256").reset_index(drop=True)
+    return write_dataset(
+        out,
+        np.ascontiguousarray(data.images[keep]),
+        kept_meta,
+        class_names=data.class_names,
+        source=data.source,
+        license=license or data.license,
+        attribution=attribution or data.attribution,
+        duplicates=findings,
+        config={"duplicate_policy": str(findings["policy"]), "size": size, "channels": channels, "seed": seed},
+        extra={"counts_before_policy": {s: int(n) for s, n in metadata["split"].value_counts().items()},
+               "notes": data.notes},
+    )
