@@ -27,7 +27,13 @@ app = typer.Typer(
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-_COMMAND_MODULES = ("flows.cli_data", "flows.cli_train", "flows.cli_generate")
+_COMMAND_MODULES = (
+    "flows.cli_data",
+    "flows.cli_train",
+    "flows.cli_generate",
+    "flows.cli_audit",
+    "flows.cli_utility",
+)
 
 
 def _register() -> None:
