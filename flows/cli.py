@@ -33,6 +33,7 @@ _COMMAND_MODULES = (
     "flows.cli_generate",
     "flows.cli_audit",
     "flows.cli_utility",
+    "flows.cli_release",
 )
 
 

@@ -20,6 +20,12 @@ def ingest_cmd(
     fmt: Annotated[str, typer.Option("--format", help="auto | medmnist | imagefolder | dicom")] = "auto",
     size: Annotated[int | None, typer.Option(help="Resize folder/DICOM images to SIZE×SIZE.")] = None,
     channels: Annotated[int | None, typer.Option(help="1 (grayscale) or 3 (RGB); default: detect.")] = None,
+    classes: Annotated[
+        str | None, typer.Option(help="Comma-separated class names in label order (default: from the source).")
+    ] = None,
+    window: Annotated[
+        tuple[float, float] | None, typer.Option(help="DICOM window CENTER WIDTH (default: the file's own).")
+    ] = None,
     duplicates: Annotated[str, typer.Option(help="collapse (keep one copy, earliest split) | keep")] = "collapse",
     license: Annotated[str | None, typer.Option(help="License of the source data.")] = None,
     attribution: Annotated[str | None, typer.Option(help="Attribution text for the source data.")] = None,
@@ -35,8 +41,9 @@ def ingest_cmd(
         raise typer.BadParameter(f"unknown format {fmt!r}", param_hint="--format") from None
     with console.status(f"ingesting {source}"):
         path = ingest(
-            source, out, csv=csv, fmt=fmt_value, size=size, channels=channels, duplicate_policy=duplicates,
-            license=license, attribution=attribution, seed=seed,
+            source, out, csv=csv, fmt=fmt_value, size=size, channels=channels,
+            class_names=[c.strip() for c in classes.split(",")] if classes else None, window=window,
+            duplicate_policy=duplicates, license=license, attribution=attribution, seed=seed,
         )
     header = load_dataset(path).header
     console.print(f"[green]wrote[/] {path}  ({header['counts']['total']} images, hash {header['content_hash'][:12]})")

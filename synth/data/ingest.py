@@ -58,6 +58,8 @@ def read_source(
     fmt: SourceFormat | str = SourceFormat.AUTO,
     size: int | None = None,
     channels: int | None = None,
+    class_names: list[str] | None = None,
+    window: tuple[float, float] | None = None,
     seed: int = 0,
 ) -> SourceData:
     """Read any supported source into memory."""
@@ -68,20 +70,22 @@ def read_source(
     if fmt is SourceFormat.MEDMNIST:
         from synth.data.medmnist import read_medmnist
 
-        if size is not None or channels is not None:
-            raise InputError(where(source, "--size/--channels apply to image folders and DICOM, not .npz"))
-        return read_medmnist(str(source))
+        if size is not None or channels is not None or window is not None:
+            raise InputError(where(source, "--size/--channels/--window apply to image folders and DICOM, not .npz"))
+        return read_medmnist(str(source), class_names=class_names)
     if csv is None:
         raise InputError(where(source, f"the {fmt.value} format needs --csv FILE"))
     if fmt is SourceFormat.IMAGEFOLDER:
         from synth.data.imagefolder import read_imagefolder
 
-        return read_imagefolder(path, Path(csv), size=size, channels=channels, seed=seed)
+        if window is not None:
+            raise InputError(where(source, "--window applies to DICOM sources only"))
+        return read_imagefolder(path, Path(csv), size=size, channels=channels, class_names=class_names, seed=seed)
     from synth.data.dicom import read_dicom
 
     if channels not in (None, 1):
         raise InputError(where(source, "DICOM images are read as grayscale; --channels must be 1"))
-    return read_dicom(path, Path(csv), size=size, seed=seed)
+    return read_dicom(path, Path(csv), size=size, class_names=class_names, window=window, seed=seed)
 
 
 def ingest(
@@ -92,6 +96,8 @@ def ingest(
     fmt: SourceFormat | str = SourceFormat.AUTO,
     size: int | None = None,
     channels: int | None = None,
+    class_names: list[str] | None = None,
+    window: tuple[float, float] | None = None,
     duplicate_policy: DuplicatePolicy | str = DuplicatePolicy.COLLAPSE,
     license: str | None = None,
     attribution: str | None = None,
@@ -101,7 +107,9 @@ def ingest(
     out = Path(out)
     if out.exists():
         raise InputError(where(out, "already exists; choose another --out or remove it"))
-    data = read_source(source, csv=csv, fmt=fmt, size=size, channels=channels, seed=seed)
+    data = read_source(
+        source, csv=csv, fmt=fmt, size=size, channels=channels, class_names=class_names, window=window, seed=seed
+    )
     metadata = data.metadata.copy()
     metadata["sha256"] = pixel_sha256(data.images)
     keep, findings = apply_policy(metadata, duplicate_policy)
@@ -115,7 +123,13 @@ def ingest(
         license=license or data.license,
         attribution=attribution or data.attribution,
         duplicates=findings,
-        config={"duplicate_policy": str(findings["policy"]), "size": size, "channels": channels, "seed": seed},
+        config={
+            "duplicate_policy": str(findings["policy"]),
+            "size": size,
+            "channels": channels,
+            "window": list(window) if window else None,
+            "seed": seed,
+        },
         extra={"counts_before_policy": {s: int(n) for s, n in metadata["split"].value_counts().items()},
                "notes": data.notes},
     )

@@ -1,0 +1,63 @@
+"""`synthgate keys generate` and `synthgate verify`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console(highlight=False)
+keys_app = typer.Typer(help="Manage the steward's Ed25519 release keys.", no_args_is_help=True)
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to create (release.key, release.pub).")],
+    passphrase_env: Annotated[
+        str | None, typer.Option(help="Name of an environment variable holding a passphrase for the private key.")
+    ] = None,
+) -> None:
+    """Create a new key pair. The private key is written with mode 0600 and never leaves this machine."""
+    from flows.keys import fingerprint, generate_keys, load_public_key
+    from synth.errors import InputError
+
+    passphrase = None
+    if passphrase_env:
+        value = os.environ.get(passphrase_env)
+        if not value:
+            raise InputError(f"--passphrase-env {passphrase_env}: the variable is not set or empty")
+        passphrase = value.encode()
+    private, public = generate_keys(out, passphrase=passphrase)
+    console.print(f"private key: {private} (keep it secret; mode 0600)")
+    console.print(f"public key:  {public} (publish it beside your releases)")
+    console.print(f"fingerprint: {fingerprint(load_public_key(public))}")
+
+
+def verify_cmd(
+    bundle: Annotated[Path, typer.Argument(help="A downloaded release bundle directory.")],
+    key: Annotated[Path, typer.Option("--key", "-k", help="The steward's public key (release.pub).")],
+) -> None:
+    """Check a release bundle: signature, every file's hash, no missing or extra files. Exit 0 valid, 1 invalid."""
+    from flows.keys import load_public_key
+    from flows.signing import verify_bundle
+
+    result = verify_bundle(bundle, load_public_key(key))
+    p = result.predicate
+    console.print(
+        f"[green]valid[/]: {result.files} files, {result.bytes:,} bytes, signed by key {result.fingerprint[:16]}…"
+    )
+    if p:
+        privacy = p.get("privacy") or {}
+        eps = privacy.get("epsilon")
+        dp = f"ε = {eps:g}, δ = {privacy.get('delta'):g} ({privacy.get('accountant')})" if eps is not None else (
+            "not differentially private")
+        console.print(f"release {p.get('release_id', '?')}: {p.get('summary', '')}".rstrip(": "))
+        console.print(f"privacy: {dp}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(keys_app, name="keys")
+    app.command("verify")(verify_cmd)
