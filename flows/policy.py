@@ -1,0 +1,150 @@
+"""The release policy and the gate that turns audit numbers into pass or block.
+
+A policy is a YAML mapping of thresholds (see `Policy`). The gate checks every threshold that is set and returns
+all reasons, not just the first: a steward fixing a blocked release needs the whole list. A metric that a policy
+constrains but the run did not measure blocks the release (fail closed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from synth.config import build, load_yaml
+
+
+class Policy(BaseModel):
+    """Thresholds a release must meet. `None` leaves a metric unconstrained."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    require_dp: bool = False
+    max_epsilon: float | None = Field(None, gt=0)
+    max_delta: float | None = Field(None, gt=0, lt=1)
+    max_flagged_fraction: float | None = Field(0.0, ge=0, le=1)  # after filtering flagged images out
+    max_membership_auc: float | None = Field(None, ge=0.5, le=1)
+    max_membership_tpr_at_1pct_fpr: float | None = Field(None, ge=0, le=1)
+    min_tstr_trtr_ratio: float | None = Field(None, ge=0)
+    min_trts_accuracy: float | None = Field(None, ge=0, le=1)
+    min_per_class_count: int | None = Field(None, ge=0)
+    disclosure_k: int = Field(5, ge=1)
+    require_ledger_check: bool = True  # a DP claim must be recomputed independently
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> Policy:
+        """Load a policy file; one-line errors name the file and the field."""
+        data = load_yaml(path)
+        return build(cls, data.get("policy", data), source=path)
+
+
+class GateInputs(BaseModel):
+    """The numbers the gate judges, read off the run's artifacts by the flow."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dp: bool
+    epsilon: float | None = None
+    delta: float | None = None
+    ledger_check_passed: bool | None = None
+    flagged_fraction: float | None = None  # in the set to be released (after filtering)
+    membership_auc: float | None = None
+    membership_tpr_at_1pct_fpr: float | None = None
+    tstr_trtr_ratio: float | None = None
+    trts_accuracy: float | None = None
+    per_class_counts: dict[str, int] = Field(default_factory=dict)
+    disclosure_violations: int | None = None  # attribute combinations released with fewer than k records
+
+
+class Check(BaseModel):
+    """One rule of the gate: what was measured, against what, and whether it passed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rule: str
+    passed: bool
+    value: float | int | bool | str | None
+    threshold: float | int | bool | str | None
+    message: str
+
+
+class Verdict(BaseModel):
+    """pass/block with every check (`reasons` are the failed ones)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    decision: Literal["pass", "block"]
+    checks: list[Check]
+
+    @property
+    def passed(self) -> bool:
+        return self.decision == "pass"
+
+    @property
+    def reasons(self) -> list[str]:
+        return [c.message for c in self.checks if not c.passed]
+
+
+def _upper(rule: str, value: float | None, limit: float | None, what: str) -> Check | None:
+    if limit is None:
+        return None
+    if value is None:
+        return Check(rule=rule, passed=False, value=None, threshold=limit, message=f"{what} was not measured")
+    ok = value <= limit
+    op = "<=" if ok else ">"
+    return Check(rule=rule, passed=ok, value=value, threshold=limit, message=f"{what} {value:.4g} {op} {limit:g}")
+
+
+def _lower(rule: str, value: float | None, limit: float | None, what: str) -> Check | None:
+    if limit is None:
+        return None
+    if value is None:
+        return Check(rule=rule, passed=False, value=None, threshold=limit, message=f"{what} was not measured")
+    ok = value >= limit
+    op = ">=" if ok else "<"
+    return Check(rule=rule, passed=ok, value=value, threshold=limit, message=f"{what} {value:.4g} {op} {limit:g}")
+
+
+def gate(inputs: GateInputs, policy: Policy) -> Verdict:
+    """Judge a run against a policy; every failed check is a reason to block."""
+    checks: list[Check | None] = []
+    if policy.require_dp:
+        checks.append(Check(rule="require_dp", passed=inputs.dp, value=inputs.dp, threshold=True,
+                            message="trained with DP-SGD" if inputs.dp else "policy requires DP, model is not private"))
+    if inputs.dp or policy.require_dp:
+        checks.append(_upper("max_epsilon", inputs.epsilon, policy.max_epsilon, "ε"))
+        checks.append(_upper("max_delta", inputs.delta, policy.max_delta, "δ"))
+        if policy.require_ledger_check:
+            ok = bool(inputs.ledger_check_passed)
+            checks.append(Check(
+                rule="ledger_check", passed=ok, value=inputs.ledger_check_passed, threshold=True,
+                message="ε recomputed independently from the ledger agrees with the claim" if ok
+                else "ε could not be confirmed from the privacy ledger",
+            ))
+    elif policy.max_epsilon is not None:
+        checks.append(Check(rule="max_epsilon", passed=False, value=None, threshold=policy.max_epsilon,
+                            message="policy bounds ε but the model is not differentially private"))
+    checks.append(_upper("max_flagged_fraction", inputs.flagged_fraction, policy.max_flagged_fraction,
+                         "memorization: flagged fraction of released images"))
+    checks.append(_upper("max_membership_auc", inputs.membership_auc, policy.max_membership_auc, "membership AUC"))
+    checks.append(_upper("max_membership_tpr_at_1pct_fpr", inputs.membership_tpr_at_1pct_fpr,
+                         policy.max_membership_tpr_at_1pct_fpr, "membership TPR@1%FPR"))
+    checks.append(_lower("min_tstr_trtr_ratio", inputs.tstr_trtr_ratio, policy.min_tstr_trtr_ratio,
+                         "TSTR/TRTR AUROC ratio"))
+    checks.append(_lower("min_trts_accuracy", inputs.trts_accuracy, policy.min_trts_accuracy, "TRTS accuracy"))
+    if policy.min_per_class_count is not None:
+        if not inputs.per_class_counts:
+            checks.append(Check(rule="min_per_class_count", passed=False, value=None,
+                                threshold=policy.min_per_class_count, message="per-class counts were not measured"))
+        for name, count in sorted(inputs.per_class_counts.items()):
+            checks.append(_lower("min_per_class_count", count, policy.min_per_class_count, f"images of class {name!r}"))
+    violations = inputs.disclosure_violations
+    checks.append(Check(
+        rule="disclosure_k", passed=violations == 0, value=violations, threshold=policy.disclosure_k,
+        message=(f"every released attribute combination has >= {policy.disclosure_k} records" if violations == 0
+                 else "disclosure check was not run" if violations is None
+                 else f"{violations} attribute combination(s) have fewer than {policy.disclosure_k} records"),
+    ))
+    kept = [c for c in checks if c is not None]
+    return Verdict(decision="pass" if all(c.passed for c in kept) else "block", checks=kept)

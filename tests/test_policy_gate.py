@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+
+from flows.policy import GateInputs, Policy, gate
+from synth.errors import ConfigError, InputError
+
+GOOD = GateInputs(dp=True, epsilon=8.0, delta=1e-5, ledger_check_passed=True, flagged_fraction=0.0,
+                  membership_auc=0.51, membership_tpr_at_1pct_fpr=0.011, tstr_trtr_ratio=0.97, trts_accuracy=0.9,
+                  per_class_counts={"normal": 100, "pneumonia": 200}, disclosure_violations=0)
+STRICT = Policy(require_dp=True, max_epsilon=10, max_delta=1e-4, max_flagged_fraction=0.0, max_membership_auc=0.6,
+                max_membership_tpr_at_1pct_fpr=0.05, min_tstr_trtr_ratio=0.9, min_trts_accuracy=0.85,
+                min_per_class_count=50)
+
+
+def test_good_run_passes_every_check():
+    verdict = gate(GOOD, STRICT)
+    assert verdict.passed and verdict.reasons == []
+    assert {c.rule for c in verdict.checks} >= {"require_dp", "max_epsilon", "ledger_check", "max_flagged_fraction",
+                                               "min_tstr_trtr_ratio", "disclosure_k"}
+
+
+def test_every_failure_is_reported_not_just_the_first():
+    bad = GOOD.model_copy(update={"epsilon": 20.0, "flagged_fraction": 0.03, "trts_accuracy": 0.5,
+                                  "per_class_counts": {"normal": 10, "pneumonia": 200}})
+    verdict = gate(bad, STRICT)
+    assert verdict.decision == "block"
+    rules = {c.rule for c in verdict.checks if not c.passed}
+    assert rules == {"max_epsilon", "max_flagged_fraction", "min_trts_accuracy", "min_per_class_count"}
+    assert any("ε 20 > 10" in r for r in verdict.reasons)
+
+
+def test_planted_copies_block_with_default_policy():
+    verdict = gate(GOOD.model_copy(update={"flagged_fraction": 0.01}), Policy())
+    assert not verdict.passed and "flagged fraction" in verdict.reasons[0]
+
+
+def test_unmeasured_constrained_metric_blocks():
+    verdict = gate(GOOD.model_copy(update={"membership_auc": None, "ledger_check_passed": None}), STRICT)
+    assert {c.rule for c in verdict.checks if not c.passed} == {"max_membership_auc", "ledger_check"}
+
+
+def test_non_private_model_against_dp_policy():
+    verdict = gate(GOOD.model_copy(update={"dp": False, "epsilon": None}), STRICT)
+    assert "policy requires DP, model is not private" in verdict.reasons
+    assert gate(GOOD.model_copy(update={"dp": False}), Policy(max_epsilon=5)).decision == "block"
+    assert gate(GOOD.model_copy(update={"dp": False}), Policy()).passed
+
+
+def test_policy_yaml(tmp_path):
+    path = tmp_path / "policy.yaml"
+    path.write_text("policy:\n  require_dp: true\n  max_epsilon: 10\n  disclosure_k: 10\n")
+    assert Policy.from_yaml(path) == Policy(require_dp=True, max_epsilon=10, disclosure_k=10)
+    path.write_text("max_epsilon: -1\n")
+    with pytest.raises(ConfigError, match=r"policy\.yaml: max_epsilon: .*greater than 0.*\(got -1\)"):
+        Policy.from_yaml(path)
+    path.write_text("max_epsilon: 1\nmax_epsilom: 2\n")
+    with pytest.raises(ConfigError, match="max_epsilom"):
+        Policy.from_yaml(path)
+    path.write_text("- a list\n")
+    with pytest.raises(InputError, match="mapping"):
+        Policy.from_yaml(path)
