@@ -76,8 +76,10 @@ def atomic_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and not overwrite:
         raise InputError(where(out, "already exists; choose another --out or remove it"))
-    if not out.parent.exists():
-        raise InputError(where(out.parent, "output's parent directory does not exist"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(where(out.parent, f"cannot create the output's parent directory ({e.strerror})")) from None
     remove_stale_tmp(out)
     tmp = out.parent / f"{out.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
