@@ -28,3 +28,10 @@ def test_validate_non_dataset_is_input_error(tmp_path, capsys):
     assert run(["validate", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "not a synthgate artifact" in err and "Traceback" not in err
+
+
+def test_validate_relative_path(tmp_path, pneumonia_dataset, monkeypatch):
+    shutil.copytree(pneumonia_dataset, tmp_path / "ds", ignore=shutil.ignore_patterns("validation"))
+    monkeypatch.chdir(tmp_path)
+    assert run(["validate", "ds"]) == 0
+    assert (tmp_path / "ds" / "validation" / "data_docs" / "index.html").is_file()

@@ -217,7 +217,7 @@ def run_metadata_suite(
                 "show_how_to_buttons": False,
                 "store_backend": {
                     "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(docs_dir),
+                    "base_directory": str(Path(docs_dir).resolve()),  # GX requires an absolute path
                 },
                 "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             },
