@@ -24,6 +24,8 @@ class Policy(BaseModel):
     max_epsilon: float | None = Field(None, gt=0)
     max_delta: float | None = Field(None, gt=0, lt=1)
     max_flagged_fraction: float | None = Field(0.0, ge=0, le=1)  # after filtering flagged images out
+    # Before filtering: a generator that copies many patients is not made safe by dropping the copies we found.
+    max_flagged_fraction_before_filter: float | None = Field(0.05, ge=0, le=1)
     max_membership_auc: float | None = Field(None, ge=0.5, le=1)
     max_membership_tpr_at_1pct_fpr: float | None = Field(None, ge=0, le=1)
     min_tstr_trtr_ratio: float | None = Field(None, ge=0)
@@ -49,6 +51,7 @@ class GateInputs(BaseModel):
     delta: float | None = None
     ledger_check_passed: bool | None = None
     flagged_fraction: float | None = None  # in the set to be released (after filtering)
+    flagged_fraction_before_filter: float | None = None  # in the generated set
     membership_auc: float | None = None
     membership_tpr_at_1pct_fpr: float | None = None
     tstr_trtr_ratio: float | None = None
@@ -127,6 +130,9 @@ def gate(inputs: GateInputs, policy: Policy) -> Verdict:
                             message="policy bounds ε but the model is not differentially private"))
     checks.append(_upper("max_flagged_fraction", inputs.flagged_fraction, policy.max_flagged_fraction,
                          "memorization: flagged fraction of released images"))
+    checks.append(_upper("max_flagged_fraction_before_filter", inputs.flagged_fraction_before_filter,
+                         policy.max_flagged_fraction_before_filter,
+                         "memorization: flagged fraction of generated images"))
     checks.append(_upper("max_membership_auc", inputs.membership_auc, policy.max_membership_auc, "membership AUC"))
     checks.append(_upper("max_membership_tpr_at_1pct_fpr", inputs.membership_tpr_at_1pct_fpr,
                          policy.max_membership_tpr_at_1pct_fpr, "membership TPR@1%FPR"))

@@ -6,6 +6,7 @@ from flows.policy import GateInputs, Policy, gate
 from synth.errors import ConfigError, InputError
 
 GOOD = GateInputs(dp=True, epsilon=8.0, delta=1e-5, ledger_check_passed=True, flagged_fraction=0.0,
+                  flagged_fraction_before_filter=0.002,
                   membership_auc=0.51, membership_tpr_at_1pct_fpr=0.011, tstr_trtr_ratio=0.97, trts_accuracy=0.9,
                   per_class_counts={"normal": 100, "pneumonia": 200}, disclosure_violations=0)
 STRICT = Policy(require_dp=True, max_epsilon=10, max_delta=1e-4, max_flagged_fraction=0.0, max_membership_auc=0.6,
@@ -33,6 +34,11 @@ def test_every_failure_is_reported_not_just_the_first():
 def test_planted_copies_block_with_default_policy():
     verdict = gate(GOOD.model_copy(update={"flagged_fraction": 0.01}), Policy())
     assert not verdict.passed and "flagged fraction" in verdict.reasons[0]
+
+
+def test_many_copies_block_even_after_filtering():
+    verdict = gate(GOOD.model_copy(update={"flagged_fraction": 0.0, "flagged_fraction_before_filter": 0.2}), Policy())
+    assert [c.rule for c in verdict.checks if not c.passed] == ["max_flagged_fraction_before_filter"]
 
 
 def test_unmeasured_constrained_metric_blocks():

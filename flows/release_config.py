@@ -1,0 +1,108 @@
+"""`ReleaseConfig`: one typed config per release (a YAML file), shown as a form in the Prefect UI.
+
+Every stage's settings live here, with defaults that run the whole release on 2 CPU cores in minutes; the policy
+(thresholds the gate enforces) sits beside them so one file describes a release completely.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from flows.policy import Policy
+from synth.config import build, load_yaml
+from synth.train_config import TrainConfig
+
+
+class SourceSettings(BaseModel):
+    """What to ingest (see `synthgate ingest`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str = Field("pneumoniamnist", description="An .npz, a known MedMNIST name, or an image/DICOM folder")
+    csv: Path | None = None
+    format: Literal["auto", "medmnist", "imagefolder", "dicom"] = "auto"
+    size: int | None = Field(None, ge=8)
+    channels: Literal[1, 3] | None = None
+    duplicates: Literal["collapse", "keep"] = "collapse"
+    min_per_class: int = Field(10, ge=0)
+
+
+class DPSettings(BaseModel):
+    """Differentially private training (DP-SGD with Opacus). Off by default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = False
+    epsilon: float = Field(10.0, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1, description="default: below 1/N")
+    max_grad_norm: float = Field(1.0, gt=0)
+    noise_multiplicity: int = Field(1, ge=1)
+    accountant: Literal["prv", "rdp"] = "prv"
+    max_physical_batch_size: int | None = Field(None, ge=1)
+
+
+class GenerateSettings(BaseModel):
+    """How many synthetic images, with which sampler and seed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n: int | None = Field(1000, ge=1, description="total images, split like the training classes")
+    per_class: dict[str, int] | None = Field(None, description="class name -> count (overrides n)")
+    sampler: str | None = Field(None, description="a shipped sampler name; default: the measured default")
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0)
+    batch_size: int = Field(64, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class ApprovalSettings(BaseModel):
+    """The steward's approval step."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    auto_approve: bool = Field(False, description="scripted runs and tests only; recorded in the datasheet")
+    timeout_s: int = Field(24 * 3600, ge=1, description="how long the flow waits for a steward's decision")
+
+
+class ReleaseConfig(BaseModel):
+    """Everything one release needs. Paths are relative to where the flow runs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    release_id: str | None = Field(None, description="default: <title slug>-<date>-<synthetic hash>")
+    title: str = "Synthetic PneumoniaMNIST"
+    purpose: str | None = None
+    publisher: str | None = None
+    contact: str | None = None
+    workdir: Path = Path("demo-output/work")
+    releases_dir: Path = Path("demo-output/releases")
+    private_key: Path = Path("demo-output/keys/release.key")
+    passphrase_env: str | None = Field(None, description="environment variable holding the key's passphrase")
+    device: str = "auto"
+    source: SourceSettings = SourceSettings()
+    train: TrainConfig = TrainConfig(preset="small")
+    dp: DPSettings = DPSettings()
+    generate: GenerateSettings = GenerateSettings()
+    privacy_audit: dict[str, Any] = Field(default_factory=dict, description="PrivacyAuditConfig fields")
+    utility_audit: dict[str, Any] = Field(default_factory=dict, description="UtilityConfig fields")
+    filter_flagged: bool = Field(True, description="drop synthetic images flagged as too close to a patient")
+    policy: Policy = Policy()
+    approval: ApprovalSettings = ApprovalSettings()
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train(cls, value: Any) -> Any:
+        # A partial mapping names a preset and overrides; TrainConfig fills the rest from the preset.
+        if isinstance(value, dict) and "preset" not in value:
+            return {"preset": "small", **value}
+        return value
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: Any) -> ReleaseConfig:
+        """Load a release file; keyword overrides (from CLI flags) win over the file. One-line errors."""
+        data = load_yaml(path)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return build(cls, data, source=path)
