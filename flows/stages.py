@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flows.release_config import ReleaseConfig
 from synth.artifacts import atomic_file, read_header
 from synth.errors import InputError, where
 
@@ -72,3 +73,108 @@ def run_stage(
     with atomic_file(stamp) as tmp:
         tmp.write_text(json.dumps({"stage": name, "key": key, "inputs": dict(inputs)}, indent=2, sort_keys=True))
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stages of a release, in pipeline order. Each returns the path of the artifact it wrote (or reused).
+# ---------------------------------------------------------------------------------------------------------------
+
+DATASET, VALIDATION, MODEL, SYNTHETIC = "dataset", "validation", "model", "synthetic"
+PRIVACY, RELEASED, UTILITY = "audit-privacy", "synthetic-released", "audit-utility"
+REPORT, PUBLIC_REPORT, VERDICT, BUNDLE = "report", "report-public", "verdict.json", "bundle"
+
+
+def ingest_stage(cfg: ReleaseConfig) -> Path:
+    """The real dataset, in canonical form."""
+    from synth.data.ingest import ingest
+
+    src = cfg.source
+    source_id = _source_identity(src.path, src.csv)
+    return run_stage(
+        cfg.workdir, DATASET, inputs={"source": source_id}, config=src.model_dump(mode="json"),
+        build=lambda out: ingest(
+            src.path, out, csv=src.csv, fmt=src.format, size=src.size, channels=src.channels,
+            duplicate_policy=src.duplicates,
+        ),
+    )
+
+
+def _source_identity(path: str, csv: Path | None) -> str:
+    """What identifies a source for caching: the file's hash, or a folder's listing (names, sizes, mtimes)."""
+    from synth.artifacts import sha256_file
+    from synth.data.medmnist import resolve
+
+    p = Path(path)
+    if not p.exists() and p.suffix != ".npz":
+        p = resolve(path)
+    if p.is_file():
+        ident = sha256_file(p)
+    elif p.is_dir():
+        listing = sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+                         for f in p.rglob("*") if f.is_file())
+        ident = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    else:
+        raise InputError(where(p, "no such file or directory"))
+    if csv is not None:
+        ident += ":" + sha256_file(csv) if Path(csv).is_file() else ""
+    return ident
+
+
+def validate_stage(cfg: ReleaseConfig, dataset: Path) -> Path:
+    """Validation report of the real dataset; raises ValidationFailed (exit 1) on a blocking finding."""
+    from synth.data.validate import load_report, validate_dataset
+
+    out = run_stage(
+        cfg.workdir, VALIDATION, inputs={"dataset": artifact_hash(dataset)},
+        config={"min_per_class": cfg.source.min_per_class},
+        build=lambda out: validate_dataset(dataset, out, min_per_class=cfg.source.min_per_class).out or out,
+    )
+    load_report(out / "report.json").raise_for_blocking()
+    return out
+
+
+def train_stage(cfg: ReleaseConfig, dataset: Path) -> Path:
+    """The generator. A crashed run resumes from its checkpoint (same config ⇒ same weights)."""
+    from synth.training import train
+
+    train_cfg = cfg.train.model_copy(update={"device": cfg.device})
+    config = {"train": train_cfg.model_dump(mode="json"), "dp": cfg.dp.model_dump(mode="json")}
+
+    def build(out: Path) -> Path:
+        privacy = _dp_strategy(cfg, dataset) if cfg.dp.enabled else None
+        ckpt = out.parent / f"{out.name}.ckpt"
+        return train(dataset, out, train_cfg, privacy=privacy, resume=ckpt.exists(), checkpoint_dir=ckpt,
+                     progress=False)
+
+    return run_stage(cfg.workdir, MODEL, inputs={"dataset": artifact_hash(dataset)}, config=config, build=build)
+
+
+def _dp_strategy(cfg: ReleaseConfig, dataset: Path) -> Any:
+    from privacy.dp import DPConfig, make_strategy
+    from synth.data.canonical import load_dataset
+
+    dp = cfg.dp
+    n_train = int(load_dataset(dataset).header["counts"]["train"])
+    return make_strategy(
+        DPConfig(target_epsilon=dp.epsilon, target_delta=dp.delta, max_grad_norm=dp.max_grad_norm,
+                 accountant=dp.accountant, noise_multiplicity=dp.noise_multiplicity,
+                 max_physical_batch_size=dp.max_physical_batch_size),
+        dataset_size=n_train,
+    )
+
+
+def generate_stage(cfg: ReleaseConfig, model: Path) -> Path:
+    """The synthetic set, every image's seed recorded."""
+    from synth.generate import generate
+    from synth.sampling import DEFAULT_SAMPLER
+
+    g = cfg.generate
+    config = {**g.model_dump(mode="json"), "sampler": g.sampler or DEFAULT_SAMPLER}
+    return run_stage(
+        cfg.workdir, SYNTHETIC, inputs={"model": artifact_hash(model)}, config=config,
+        build=lambda out: generate(
+            model, out, n=None if g.per_class else g.n, per_class=g.per_class, sampler=g.sampler or DEFAULT_SAMPLER,
+            steps=g.steps, guidance_scale=g.guidance_scale, batch_size=g.batch_size, seed=g.seed,
+            device=cfg.device, progress=False,
+        ),
+    )

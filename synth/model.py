@@ -26,8 +26,8 @@ class ModelConfig(BaseModel):
     num_conditions: int = Field(2, ge=1)
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
-    # Which levels (from the top) use self-attention; attention makes Opacus' per-sample gradient hooks need the
-    # Conv2d contiguity guard (see privacy/dp.py).
+    # Which levels (from the top) use self-attention. Every UNet2DModel also has a mid-block attention, whose
+    # channels_last output makes Opacus' per-sample conv gradients wrong without a fix (privacy/grad_sample.py).
     attention_levels: tuple[bool, ...] = (False, False, True)
     norm_num_groups: int = Field(8, ge=1)
     attention_head_dim: int = Field(8, ge=1)
