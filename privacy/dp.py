@@ -1,0 +1,425 @@
+"""DP-SGD for the diffusion trainer: a `DPConfig`, and a `DPStrategy` implementing synth's privacy-strategy protocol.
+
+`synth.training` never imports this package; it receives a strategy object with this shape:
+
+    noise_multiplicity: int
+    attach(model, optimizer, data_loader, *, epochs, steps) -> (model, optimizer, data_loader)
+    after_backward(model, batch_size) -> None      # fold K rows per example before the optimizer clips
+    is_real_step(optimizer) -> bool                # False while physical batches of a logical batch accumulate
+    epsilon() -> float ; ledger() -> dict ; unwrap(model) -> nn.Module
+    state_dict() -> dict ; load_state_dict(state) -> None
+
+Opacus does the per-sample gradients, clipping, noise and accounting. This module adds what Opacus gets silently
+wrong or slow for a diffusers UNet (see `privacy.grad_sample`), splits logical batches into physical ones without
+stale optimizer signals (`PhysicalBatches`), calibrates σ to the ε target, and keeps the ledger
+(`privacy.ledger`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from privacy.grad_sample import fold_noise_multiplicity, install_contiguity_guard, use_grouped_conv_sampler
+from privacy.ledger import ACCOUNTANTS, build_ledger, epsilon_for_events, events_from_history
+from synth.errors import ConfigError, where
+
+# Per-sample gradient modes, all checked against an autograd loop for the shipped UNets (tests/test_dp.py):
+#   "hooks"        Opacus hooks; nn.Conv2d per-sample gradients from one grouped convolution backward
+#                  (privacy.grad_sample.conv2d_grad_sample: layout-safe, no unfold). Fastest by measurement.
+#   "hooks_unfold" Opacus hooks with Opacus' own unfold-based Conv2d sampler + the Conv2d contiguity guard.
+#   "functorch"    Opacus functorch (per-layer vmap; redoes each layer's forward).
+# "ew" fails on diffusers; "ghost" clips per row from a per-row loss, so it can neither take the trainer's
+# `loss.mean()` nor fold K draws into one example.
+GRAD_SAMPLE_MODES = ("hooks", "hooks_unfold", "functorch")
+DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+_OPACUS_MODE = {"hooks": "hooks", "hooks_unfold": "hooks", "functorch": "functorch"}
+_REFUSED_MODES = {
+    "ew": "fails on diffusers UNets (ExpandedWeights cannot handle is_floating_point)",
+    "ghost": "needs a per-row loss and clips B×K rows separately, so noise multiplicity cannot be folded",
+}
+_CFG = "DP config"
+
+
+def default_delta(dataset_size: int) -> float:
+    """δ below 1/N: 1/(10·N) rounded down to a power of ten (N=4708 → 1e-5)."""
+    if dataset_size < 1:
+        raise ConfigError(where(_CFG, f"dataset_size {dataset_size!r} must be >= 1"))
+    # Integer arithmetic: the smallest power of ten >= 10·N, so exact powers are not lost to log10 rounding.
+    return 10.0 ** -len(str(10 * dataset_size - 1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPConfig:
+    """DP-SGD settings (keyword-only, frozen).
+
+    target_epsilon: ε for the whole planned run; σ is calibrated to reach it after the planned steps.
+    target_delta: None means `default_delta(N)`, decided in `make_strategy`; must be < 1/N.
+    max_grad_norm: clipping norm C of each example's (K-averaged) gradient.
+    accountant: "prv" (tight, default) or "rdp".
+    noise_multiplicity: K noise/timestep draws per example per step (the trainer repeats each example K times).
+    poisson_sampling: must stay True (the reported ε assumes it).
+    max_physical_batch_size: split logical (Poisson) batches into chunks of at most this many *examples*
+        (K·this many rows go through the model at once); None = no splitting.
+    grad_sample_mode: "hooks" (default, fastest), "hooks_unfold" or "functorch"; see GRAD_SAMPLE_MODES.
+    """
+
+    target_epsilon: float
+    target_delta: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    noise_multiplicity: int = 1
+    poisson_sampling: bool = True
+    max_physical_batch_size: int | None = None
+    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: Any) -> None:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (ok and math.isfinite(value) and value > 0):
+                raise ConfigError(where(_CFG, f"{name} {value!r} must be a finite number > 0"))
+
+        def count(name: str, value: Any) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(where(_CFG, f"{name} {value!r} must be an integer >= 1"))
+
+        positive("target_epsilon", self.target_epsilon)
+        positive("max_grad_norm", self.max_grad_norm)
+        if self.target_delta is not None:
+            positive("target_delta", self.target_delta)
+            if self.target_delta >= 1:
+                raise ConfigError(where(_CFG, f"target_delta {self.target_delta!r} must be < 1"))
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(where(_CFG, f"accountant {self.accountant!r} is not one of {', '.join(ACCOUNTANTS)}"))
+        count("noise_multiplicity", self.noise_multiplicity)
+        if self.max_physical_batch_size is not None:
+            count("max_physical_batch_size", self.max_physical_batch_size)
+        if self.poisson_sampling is not True:
+            raise ConfigError(
+                where(
+                    _CFG,
+                    f"poisson_sampling {self.poisson_sampling!r}: shuffled batches do not get the "
+                    "Poisson-subsampling ε the accountant reports (Chua et al. 2024); keep poisson_sampling=true",
+                )
+            )
+        if self.grad_sample_mode in _REFUSED_MODES:
+            reason = _REFUSED_MODES[self.grad_sample_mode]
+            raise ConfigError(where(_CFG, f"grad_sample_mode {self.grad_sample_mode!r} {reason}"))
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ConfigError(
+                where(_CFG, f"grad_sample_mode {self.grad_sample_mode!r} is not one of {GRAD_SAMPLE_MODES}")
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DPConfig:
+        """Build from a mapping (a YAML/JSON section); unknown keys are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(where(_CFG, f"unknown keys {unknown}; known: {sorted(known)}"))
+        if "target_epsilon" not in d:
+            raise ConfigError(where(_CFG, "target_epsilon is required"))
+        return cls(**d)
+
+
+def make_strategy(config: DPConfig, *, dataset_size: int) -> DPStrategy:
+    """A DP strategy for a training set of `dataset_size` examples (fixes δ: default or checked < 1/N)."""
+    if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
+        raise ConfigError(where(_CFG, f"dataset_size {dataset_size!r} must be an integer >= 1"))
+    delta = config.target_delta if config.target_delta is not None else default_delta(dataset_size)
+    if delta >= 1 / dataset_size:
+        raise ConfigError(
+            where(
+                _CFG,
+                f"target_delta {delta!r} >= 1/N = {1 / dataset_size:.3g} (N={dataset_size}): a mechanism that "
+                "publishes one random record meets such a δ; use δ well below 1/N",
+            )
+        )
+    return DPStrategy(config, dataset_size=dataset_size, target_delta=delta)
+
+
+class DPStrategy:
+    """Opacus DP-SGD behind the trainer's privacy-strategy protocol. Build it with `make_strategy`."""
+
+    def __init__(self, config: DPConfig, *, dataset_size: int, target_delta: float):
+        from opacus import PrivacyEngine
+
+        self.config = config
+        self.dataset_size = dataset_size
+        self.target_delta = target_delta
+        self.noise_multiplicity = config.noise_multiplicity
+        self.noise_multiplier: float | None = None
+        self.sample_rate: float | None = None
+        self.batch_size: int | None = None
+        self.planned_steps: int | None = None
+        self._guard_handles: list = []
+        self._optimizer = None
+        # Set by PhysicalBatches for the batch it last yielded: whether that batch ends its logical batch.
+        self._chunk_is_last: bool | None = None
+        self._attached = False
+        self._resumed: dict[str, Any] | None = None
+        with warnings.catch_warnings():
+            # "Secure RNG turned off": recorded in the ledger instead (torchcsprng has no build for this torch).
+            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+            self._engine = PrivacyEngine(accountant=config.accountant)
+
+    @property
+    def accountant(self):
+        """The Opacus accountant (its `history` is the ledger's raw material)."""
+        return self._engine.accountant
+
+    # -- protocol -------------------------------------------------------------------------------------------
+
+    def attach(self, model, optimizer, data_loader, *, epochs: int | None = None, steps: int | None = None):
+        """Calibrate σ for the planned length and wrap (model, optimizer, data_loader) for DP-SGD.
+
+        Give exactly one of `epochs` (passes over the loader) or `steps` (logical batches), counting the whole
+        planned run (on resume: the same total as the first run, so σ comes out identical). The loader must
+        iterate the whole training set with the logical batch size; Opacus replaces it with a Poisson sampler at
+        rate q = 1/len(loader). With `max_physical_batch_size` the returned loader yields physical batches
+        (`PhysicalBatches`); the optimizer then only takes a real step at the end of each logical batch.
+        """
+        if self._attached:
+            raise RuntimeError("DPStrategy.attach called twice; build a new strategy per training run")
+        if (epochs is None) == (steps is None):
+            raise ConfigError(where(_CFG, f"give exactly one of epochs ({epochs!r}) or steps ({steps!r})"))
+        planned = steps if steps is not None else epochs
+        if isinstance(planned, bool) or not isinstance(planned, int) or planned < 1:
+            raise ConfigError(where(_CFG, f"{'steps' if steps is not None else 'epochs'} {planned!r} must be >= 1"))
+        n = len(data_loader.dataset)
+        if n != self.dataset_size:
+            raise ConfigError(
+                where(_CFG, f"data loader has {n} examples but the strategy was made for {self.dataset_size}")
+            )
+        batches = len(data_loader)
+        if batches < 1:
+            raise ConfigError(where(_CFG, "data loader yields no batches"))
+        self.sample_rate = 1 / batches  # what Opacus' DPDataLoader samples at and accounts with
+        self.batch_size = getattr(data_loader, "batch_size", None)
+        self.planned_steps = steps if steps is not None else epochs * batches
+        self.noise_multiplier = self._calibrate(self.planned_steps)
+        self._check_resume()
+
+        if self.config.grad_sample_mode == "hooks_unfold":
+            self._guard_handles = install_contiguity_guard(model)
+        _quiet_known_warnings()
+        dp_model, dp_optimizer, dp_loader = self._engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.config.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=_OPACUS_MODE[self.config.grad_sample_mode],
+            loss_reduction="mean",
+        )
+        if self.config.grad_sample_mode == "hooks":
+            use_grouped_conv_sampler(dp_model)
+        if self.config.max_physical_batch_size is not None:
+            # Always wrapping is harmless: a Poisson batch at or under the limit passes through as one chunk.
+            dp_loader = PhysicalBatches(dp_loader, max_batch_size=self.config.max_physical_batch_size, strategy=self)
+        self._optimizer = dp_optimizer
+        self._attached = True
+        return dp_model, dp_optimizer, dp_loader
+
+    def after_backward(self, model, batch_size: int) -> None:
+        """Fold the K noise draws of each example into one per-example gradient (B·K rows → B); see
+        `privacy.grad_sample.fold_noise_multiplicity`. For an empty Poisson batch, skip forward/backward and
+        call this with `batch_size=0`, then `optimizer.step()`: a noise-only step the accountant counts.
+
+        With physical batches, this also tells the DP optimizer whether the coming `step()` ends the logical
+        batch (BatchMemoryManager's signal, sent here rather than when the loader samples: see `PhysicalBatches`).
+        """
+        fold_noise_multiplicity(model, batch_size=batch_size, multiplicity=self.noise_multiplicity)
+        if self._chunk_is_last is not None:
+            self._optimizer.signal_skip_step(do_skip=not self._chunk_is_last)
+            self._chunk_is_last = None
+
+    def is_real_step(self, optimizer) -> bool:
+        """Whether the last `optimizer.step()` updated the weights (False for a physical batch that does not end
+        its logical batch: the optimizer only accumulated its clipped gradients)."""
+        return not getattr(optimizer, "_is_last_step_skipped", False)
+
+    def epsilon(self) -> float:
+        """ε spent so far at the strategy's δ, from the configured accountant."""
+        events = events_from_history(self.accountant.history)
+        return epsilon_for_events(events, delta=self.target_delta, accountant=self.config.accountant)
+
+    def ledger(self) -> dict[str, Any]:
+        """The privacy ledger as a JSON-ready dict (`privacy_ledger.json`), with an independent ε check."""
+        return build_ledger(
+            self.accountant.history,
+            delta=self.target_delta,
+            accountant=self.config.accountant,
+            max_grad_norm=self.config.max_grad_norm,
+            noise_multiplicity=self.noise_multiplicity,
+            dataset_size=self.dataset_size,
+            target_epsilon=self.config.target_epsilon,
+            batch_size=self.batch_size,
+            grad_sample_mode=self.config.grad_sample_mode,
+        ).to_dict()
+
+    def unwrap(self, model):
+        """The plain UNet inside Opacus' GradSampleModule (for EMA and saving). In "hooks_unfold" mode the
+        contiguity guard stays on it: numerically a no-op in the forward pass."""
+        return getattr(model, "_module", model)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Accountant history and calibration, in plain types, for a checkpoint."""
+        return {
+            "mechanism": self.config.accountant,
+            "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant.history],
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "target_delta": self.target_delta,
+            "dataset_size": self.dataset_size,
+            "noise_multiplicity": self.noise_multiplicity,
+            "max_grad_norm": self.config.max_grad_norm,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the accountant history of an interrupted run, before or after `attach`.
+
+        Refuses a checkpoint from a different DP setup (accountant, N, δ, K, C, or σ/q once attached): the
+        resumed run would no longer meet the ε target it was calibrated for.
+        """
+        try:
+            history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+            recorded = {k: state[k] for k in ("mechanism", "target_delta", "dataset_size", "noise_multiplicity")}
+            recorded["max_grad_norm"] = state["max_grad_norm"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(where("DP checkpoint", f"malformed DP state: {err!r}")) from None
+        expected = {
+            "mechanism": self.config.accountant,
+            "target_delta": self.target_delta,
+            "dataset_size": self.dataset_size,
+            "noise_multiplicity": self.noise_multiplicity,
+            "max_grad_norm": self.config.max_grad_norm,
+        }
+        for key, want in expected.items():
+            if recorded[key] != want:
+                raise ConfigError(where("DP checkpoint", f"{key} {recorded[key]!r} differs from this run's {want!r}"))
+        self._resumed = {"noise_multiplier": state.get("noise_multiplier"), "sample_rate": state.get("sample_rate")}
+        self.accountant.history = history
+        if self._optimizer is not None:
+            # PhysicalBatches never queues signals ahead of a step; drop any a caller's own loader may have left.
+            self._optimizer._step_skip_queue.clear()
+        if self._attached:
+            self._check_resume()
+
+    # -- internals ------------------------------------------------------------------------------------------
+
+    def _calibrate(self, steps: int) -> float:
+        try:
+            return calibrate_noise_multiplier(
+                target_epsilon=self.config.target_epsilon,
+                target_delta=self.target_delta,
+                sample_rate=self.sample_rate,
+                steps=steps,
+                accountant=self.config.accountant,
+            )
+        except ValueError as err:
+            raise ConfigError(
+                where(_CFG, f"target_epsilon {self.config.target_epsilon!r} unreachable for {steps} steps: {err}")
+            ) from None
+
+    def _check_resume(self) -> None:
+        if self._resumed is None or self.noise_multiplier is None:
+            return
+        for key, now in (("noise_multiplier", self.noise_multiplier), ("sample_rate", self.sample_rate)):
+            then = self._resumed[key]
+            if then is not None and not math.isclose(then, now, rel_tol=1e-9):
+                raise ConfigError(
+                    where(
+                        "DP checkpoint",
+                        f"{key} was {then!r}, this run calibrates {now!r}: resume with the same data, batch size, "
+                        "ε target and planned length",
+                    )
+                )
+
+
+class PhysicalBatches:
+    """Opacus' BatchMemoryManager, with its signal sent when a batch is used rather than when it is sampled.
+
+    Yields each Poisson (logical) batch of `loader` in balanced chunks of at most `max_batch_size` examples; the
+    DP optimizer accumulates the chunks' clipped gradients and takes one real, noised step per logical batch.
+    Opacus' BatchSplittingSampler queues the optimizer's "skip / step" signal as it samples, so batches that are
+    sampled but never stepped on (a resumed trainer fast-forwarding an epoch, DataLoader prefetch) leave stale
+    signals that shift every later step. Here the strategy records whether the chunk just yielded ends its
+    logical batch, and `after_backward` sends exactly one signal for the step that follows.
+    """
+
+    def __init__(self, loader, *, max_batch_size: int, strategy: DPStrategy):
+        self.loader = loader
+        self.dataset = loader.dataset
+        self.max_batch_size = max_batch_size
+        self._strategy = strategy
+
+    def __len__(self) -> int:
+        """Expected number of physical batches per epoch (Poisson batch sizes vary)."""
+        sampler = self.loader.batch_sampler
+        expected = getattr(sampler, "sample_rate", 0) * getattr(sampler, "num_samples", 0)
+        return len(self.loader) * max(1, math.ceil(expected / self.max_batch_size))
+
+    def __iter__(self):
+        for batch in self.loader:
+            n = _batch_len(batch)
+            chunks = max(1, math.ceil(n / self.max_batch_size))
+            size, extra = divmod(n, chunks)
+            start = 0
+            for j in range(chunks):
+                stop = start + size + (j < extra)
+                self._strategy._chunk_is_last = j == chunks - 1
+                yield _batch_slice(batch, start, stop)
+                start = stop
+
+
+def _batch_len(batch) -> int:
+    first = batch[0] if isinstance(batch, list | tuple) else next(iter(batch.values()))
+    return len(first)
+
+
+def _batch_slice(batch, start: int, stop: int):
+    if isinstance(batch, dict):
+        return {k: v[start:stop] for k, v in batch.items()}
+    return type(batch)(v[start:stop] for v in batch)
+
+
+@functools.lru_cache(maxsize=64)
+def calibrate_noise_multiplier(
+    *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """σ reaching (target_epsilon, target_delta) after `steps` steps at rate q (ε within 0.01 below target).
+
+    Opacus' own calibration (what make_private_with_epsilon calls), given steps rather than epochs:
+    make_private_with_epsilon recomputes steps as int(epochs / q), which float rounding can leave one short.
+    Cached: a PRV binary search takes seconds and is deterministic (a resumed run recalibrates identically).
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        # The search probes σ far from the answer, where RDP's order grid is too short; irrelevant to the result.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        sigma = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    return float(sigma)
+
+
+def _quiet_known_warnings() -> None:
+    # Harmless, repeated every step: functorch's per-layer vmap meets the int64 class labels (it then does not
+    # autocast), and torch notes the first layer's input does not require grad.
+    warnings.filterwarnings(
+        "ignore", message="In CPU autocast, but the target dtype is not supported", category=UserWarning
+    )
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients", category=UserWarning)

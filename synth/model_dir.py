@@ -1,0 +1,119 @@
+"""The model directory a training run writes (and `synth.pipeline.load_pipeline` reads), written atomically:
+
+    model_index.json                                   ConditionalDiffusionPipeline(unet, scheduler).save_pretrained
+    unet/config.json, unet/diffusion_pytorch_model.safetensors           the raw (last-step) weights
+    scheduler/scheduler_config.json                    the DDPMScheduler it was trained with (samplers derive from it)
+    unet_ema/config.json, unet_ema/diffusion_pytorch_model.safetensors   the EMA weights (the ones to sample from)
+    privacy_ledger.json                                DP runs only: the privacy strategy's `ledger()`
+    model_card.json                                    artifact header, kind "model" (see `write_model_dir`)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from synth.artifacts import atomic_dir, write_header, write_json
+from synth.conditioning import ConditionSpace
+from synth.model import ModelConfig
+
+MODEL_CARD = "model_card.json"
+KIND = "model"
+SCHEMA_VERSION = 1
+LEDGER = "privacy_ledger.json"
+EMA_DIR = "unet_ema"
+
+
+def payload_files(root: Path) -> list[str]:
+    """Every file under `root` except the model card, as sorted POSIX relative paths."""
+    root = Path(root)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MODEL_CARD)
+
+
+def privacy_summary(*, epsilon: float, ledger: Mapping[str, Any], noise_multiplicity: int) -> dict[str, Any]:
+    """The model card's `privacy` entry: ε, δ, K and what they mean, in plain words."""
+    delta = ledger.get("delta")
+    accountant = ledger.get("accountant")
+    clip = ledger.get("max_grad_norm")
+    explanation = (
+        f"Trained with differentially private SGD (DP-SGD): each step used a random (Poisson) subset of the "
+        f"training images, clipped each image's gradient to norm {clip} and added Gaussian noise. The result is "
+        f"(ε={epsilon:.3g}, δ={delta:.2g})-differentially private with respect to any single training image: "
+        f"whether or not one image was in the training set changes the probability of any outcome of training — "
+        f"this model and anything generated from it — by at most a factor e^ε ≈ {_exp(epsilon)}, except with "
+        f"probability at most δ. ε was computed with the {accountant} accountant. Each image was used with "
+        f"K={noise_multiplicity} noise/timestep draw(s) per step; its K gradients were averaged before clipping, "
+        "so K does not weaken the guarantee. The guarantee is per image, not per patient: a patient with several "
+        "images is protected less."
+    )
+    return {
+        "epsilon": float(epsilon),
+        "delta": delta,
+        "accountant": accountant,
+        "max_grad_norm": clip,
+        "noise_multiplicity": int(noise_multiplicity),
+        "steps": ledger.get("steps"),
+        "ledger": LEDGER,
+        "explanation": explanation,
+    }
+
+
+def _exp(epsilon: float) -> str:
+    import math
+
+    return f"{math.exp(epsilon):.3g}" if epsilon < 50 else "(astronomically large)"
+
+
+def write_model_dir(
+    out: Path,
+    *,
+    unet: Any,
+    ema_unet: Any,
+    scheduler: Any,
+    model_config: ModelConfig,
+    train_config: Mapping[str, Any],
+    space: ConditionSpace,
+    dataset_hash: str,
+    image: Mapping[str, int],
+    condition_counts: Sequence[int],
+    privacy: Mapping[str, Any] | None = None,
+    privacy_ledger: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the model directory atomically to `out` and return `out`.
+
+    `unet`/`ema_unet` are `UNet2DModel`s (saved from the CPU), `scheduler` the training `DDPMScheduler`,
+    `train_config` the `TrainConfig.to_json()`. The card's body holds `conditions` (ConditionSpace JSON),
+    `class_names`, `image` (height, width, channels), `condition_counts` (training images per condition index),
+    `weights` (which folder holds which weights), `privacy` (None or `privacy_summary(...)`) and `extra`
+    (seeds, steps, epochs, time, device, losses ...).
+    """
+    from synth.pipeline import ConditionalDiffusionPipeline
+
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        ConditionalDiffusionPipeline(unet=unet.to("cpu"), scheduler=scheduler).save_pretrained(tmp)
+        ema_unet.to("cpu").save_pretrained(tmp / EMA_DIR)
+        if privacy_ledger is not None:
+            write_json(tmp / LEDGER, dict(privacy_ledger))
+        body = {
+            "conditions": space.to_json(),
+            "class_names": list(space.class_names),
+            "image": {**{k: int(image[k]) for k in ("height", "width", "channels")}, "dtype": "uint8"},
+            "condition_counts": [int(c) for c in condition_counts],
+            "weights": {"ema": EMA_DIR, "raw": "unet", "default": "ema"},
+            "privacy": dict(privacy) if privacy is not None else None,
+            **dict(extra or {}),
+        }
+        write_header(
+            tmp,
+            MODEL_CARD,
+            kind=KIND,
+            schema_version=SCHEMA_VERSION,
+            files=payload_files(tmp),
+            inputs={"dataset": dataset_hash},
+            config={"model": model_config.model_dump(mode="json"), "train": dict(train_config)},
+            body=body,
+        )
+    return out

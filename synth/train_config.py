@@ -1,0 +1,195 @@
+"""`TrainConfig`: every knob of a training run, with presets named by intent.
+
+    tiny   tests and smoke runs: a 0.16M-parameter UNet, seconds on a CPU
+    small  the CPU demo: a 1.1M-parameter UNet, 400 steps of 64 or 9 minutes, whichever comes first
+           (2 cores, PneumoniaMNIST; 1.13 GFLOP per example and step; ~6 s a step was measured with 5+ other
+           jobs on the cores, 1.2-1.5 s is the estimate for a quiet machine: benchmarks/bench_training.py)
+    base   a GPU: a 16M-parameter UNet, 50k steps
+
+A config names its preset; any field not given takes that preset's value, so `TrainConfig(preset="tiny",
+max_steps=5)` is the tiny preset stopped after 5 steps, and a YAML file (`--config`) overrides only what it lists.
+The dump (`to_json`) holds every field, so a model card's config rebuilds the exact run.
+
+Why the defaults (short CPU budgets, 28×28 grayscale):
+- linear betas (1e-4 … 0.02, T=1000): the DDPM schedule; cosine + DPM-Solver is numerically fragile for briefly
+  trained pixel models (STACK-NOTES), and the samplers are derived from this scheduler's config.
+- AdamW with a short linear warmup, then cosine decay to 10% over `max_steps` (a fixed step horizon keeps the
+  schedule, and so the weights, a function of the step alone: resumable and reproducible).
+- EMA with warmup (decay 1-(1+step)^-3/4, capped): a fixed 0.999 over a few hundred steps would mostly average
+  the untrained start; the warmup makes the average span roughly the last quarter of a short run.
+- no flips or other augmentation: chest X-rays are not left-right symmetric (the heart is on the left).
+- 10% condition dropout to the null condition, so the sampler can use classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from synth.config import build, load_yaml
+
+PresetName = Literal["tiny", "small", "base"]
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+
+_COMMON: dict[str, Any] = {
+    "lr_final_ratio": 0.1,
+    "weight_decay": 0.0,
+    "adam_betas": (0.9, 0.999),
+    "ema_warmup": True,
+    "cfg_dropout": 0.1,
+    "condition_attributes": (),
+    "noise_multiplicity": 1,
+    "seed": 0,
+    "device": "auto",
+    "beta_schedule": "linear",
+    "num_train_timesteps": 1000,
+    "grad_clip": 1.0,
+    "num_workers": 0,
+    "epochs": None,
+}
+
+PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        **_COMMON,
+        "batch_size": 32,
+        "lr": 2e-3,
+        "lr_warmup_steps": 10,
+        "lr_schedule": "constant",
+        "ema_decay": 0.995,
+        "ema_power": 0.75,
+        "max_steps": 100,
+        "max_minutes": 2.0,
+        "checkpoint_every": 50,
+    },
+    "small": {
+        **_COMMON,
+        # Per example, batch 64 ran faster than 128 on the 2 shared cores (activations stay in cache) and gives
+        # twice the updates; ~400 steps is what fits 9 minutes on a quiet 2-core machine (see the docstring).
+        "batch_size": 64,
+        "lr": 1e-3,
+        "lr_warmup_steps": 40,
+        "lr_schedule": "cosine",
+        "ema_decay": 0.999,
+        "ema_power": 0.75,
+        "max_steps": 400,
+        "max_minutes": 9.0,
+        "checkpoint_every": 100,
+    },
+    "base": {
+        **_COMMON,
+        "batch_size": 128,
+        "lr": 2e-4,
+        "lr_warmup_steps": 1000,
+        "lr_schedule": "cosine",
+        "ema_decay": 0.9999,
+        "ema_power": 2 / 3,
+        "max_steps": 50_000,
+        "max_minutes": None,
+        "checkpoint_every": 2000,
+    },
+}
+
+
+class TrainConfig(BaseModel):
+    """How to train the class-conditional DDPM. Frozen; round-trips through JSON."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    preset: PresetName
+    # Optimisation
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    lr_warmup_steps: int = Field(ge=0)
+    lr_schedule: Literal["constant", "cosine"]
+    lr_final_ratio: float = Field(ge=0, le=1)
+    weight_decay: float = Field(ge=0)
+    adam_betas: tuple[float, float]
+    grad_clip: float | None = Field(gt=0)  # non-private runs only; DP clips per example instead
+    # EMA of the weights (diffusers EMAModel), updated after every real optimizer step
+    ema_decay: float = Field(ge=0, lt=1)
+    ema_warmup: bool
+    ema_power: float = Field(gt=0)
+    # Stopping: whichever of these comes first (at least one must be set)
+    epochs: int | None = Field(ge=1)
+    max_steps: int | None = Field(ge=1)
+    max_minutes: float | None = Field(gt=0)
+    # Diffusion and conditioning
+    beta_schedule: BetaSchedule
+    num_train_timesteps: int = Field(ge=10)
+    cfg_dropout: float = Field(ge=0, lt=1)
+    condition_attributes: tuple[str, ...]
+    noise_multiplicity: int = Field(ge=1)  # K (noise, timestep) draws per example and step
+    # Run
+    checkpoint_every: int | None = Field(ge=1)
+    seed: int = Field(ge=0)
+    device: str
+    num_workers: int = Field(ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        name = data.get("preset", "small")
+        if name not in PRESET_DEFAULTS:
+            raise ValueError(f"preset {name!r} is not one of {', '.join(PRESET_DEFAULTS)}")
+        return {**PRESET_DEFAULTS[name], **data, "preset": name}
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        v = value.strip().lower()
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"device {value!r} is not one of auto, cpu, cuda, cuda:N")
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _check_betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"adam_betas {list(value)} must each be in [0, 1)")
+        return value
+
+    @field_validator("condition_attributes")
+    @classmethod
+    def _check_attributes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"condition_attributes {list(value)} repeats a name")
+        if any(not a.strip() for a in value):
+            raise ValueError("condition_attributes has an empty name")
+        return value
+
+    @model_validator(mode="after")
+    def _check_stopping(self) -> TrainConfig:
+        if self.epochs is None and self.max_steps is None and self.max_minutes is None:
+            raise ValueError("set at least one of epochs, max_steps, max_minutes (training would never stop)")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field, JSON-ready (what the model card stores)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, source: str | Path = "train config") -> TrainConfig:
+        """Rebuild from `to_json` output (or any mapping of fields), with one-line errors."""
+        return build(cls, data, source=source)
+
+
+def load_train_config(
+    *,
+    preset: str | None = None,
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """The preset's defaults, overridden by the YAML `config_file`, overridden by `overrides` (CLI flags; None
+    values are ignored). `preset` (if given) wins over a `preset:` key in the file; the default preset is small."""
+    data: dict[str, Any] = load_yaml(Path(config_file)) if config_file is not None else {}
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if preset is not None:
+        data["preset"] = preset
+    if isinstance(data.get("condition_attributes"), str):
+        data["condition_attributes"] = [data["condition_attributes"]]
+    return build(TrainConfig, data, source=config_file if config_file is not None else "train config")
