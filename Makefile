@@ -26,10 +26,13 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# The whole release flow on PneumoniaMNIST with the defaults of ReleaseConfig (CPU demo settings) and
+# auto-approval. Stage artifacts in $(DEMO_OUT)/work are cached by content hash, so a rerun reuses them.
 demo: setup
-	@rm -rf $(DEMO_OUT) && mkdir -p $(DEMO_OUT)
-	$(BIN)/synthgate ingest pneumoniamnist --out $(DEMO_OUT)/dataset
-	$(BIN)/synthgate validate $(DEMO_OUT)/dataset
+	@mkdir -p $(DEMO_OUT)
+	@test -f $(DEMO_OUT)/keys/release.key || $(BIN)/synthgate keys generate --out $(DEMO_OUT)/keys
+	@rm -rf $(DEMO_OUT)/releases
+	$(BIN)/synthgate release --auto-approve
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

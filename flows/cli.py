@@ -33,7 +33,9 @@ _COMMAND_MODULES = (
     "flows.cli_generate",
     "flows.cli_audit",
     "flows.cli_utility",
+    "flows.cli_report",
     "flows.cli_release",
+    "flows.cli_flow",
 )
 
 

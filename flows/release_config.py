@@ -26,6 +26,9 @@ class SourceSettings(BaseModel):
     format: Literal["auto", "medmnist", "imagefolder", "dicom"] = "auto"
     size: int | None = Field(None, ge=8)
     channels: Literal[1, 3] | None = None
+    classes: list[str] | None = Field(None, description="class names in label order (default: from the source)")
+    license: str | None = Field(None, description="license of the source data (default: from the source)")
+    attribution: str | None = None
     duplicates: Literal["collapse", "keep"] = "collapse"
     min_per_class: int = Field(10, ge=0)
 
@@ -49,7 +52,7 @@ class GenerateSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    n: int | None = Field(1000, ge=1, description="total images, split like the training classes")
+    n: int | None = Field(600, ge=1, description="total images, split like the training classes")
     per_class: dict[str, int] | None = Field(None, description="class name -> count (overrides n)")
     sampler: str | None = Field(None, description="a shipped sampler name; default: the measured default")
     steps: int | None = Field(None, ge=1)
@@ -87,7 +90,9 @@ class ReleaseConfig(BaseModel):
     dp: DPSettings = DPSettings()
     generate: GenerateSettings = GenerateSettings()
     privacy_audit: dict[str, Any] = Field(default_factory=dict, description="PrivacyAuditConfig fields")
-    utility_audit: dict[str, Any] = Field(default_factory=dict, description="UtilityConfig fields")
+    # The CPU demo measures augmentation at one ratio; add more (e.g. [0.5, 1, 2]) when time allows.
+    utility_audit: dict[str, Any] = Field(default_factory=lambda: {"ratios": [1.0]},
+                                          description="UtilityConfig fields")
     filter_flagged: bool = Field(True, description="drop synthetic images flagged as too close to a patient")
     policy: Policy = Policy()
     approval: ApprovalSettings = ApprovalSettings()
@@ -98,6 +103,23 @@ class ReleaseConfig(BaseModel):
         # A partial mapping names a preset and overrides; TrainConfig fills the rest from the preset.
         if isinstance(value, dict) and "preset" not in value:
             return {"preset": "small", **value}
+        return value
+
+    @field_validator("privacy_audit")
+    @classmethod
+    def _privacy_audit(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Checked now, not when the stage runs after minutes of training.
+        from privacy.audit import PrivacyAuditConfig
+
+        PrivacyAuditConfig.model_validate(value)
+        return value
+
+    @field_validator("utility_audit")
+    @classmethod
+    def _utility_audit(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from reports.utility import UtilityConfig
+
+        UtilityConfig.model_validate(value)
         return value
 
     @classmethod

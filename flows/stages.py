@@ -8,16 +8,28 @@ Prefect tasks in `flows/release.py` are thin wrappers over these; tests call the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from pydantic import BaseModel
+
+from flows.policy import GateInputs, Verdict, gate
 from flows.release_config import ReleaseConfig
 from synth.artifacts import atomic_file, read_header
-from synth.errors import InputError, where
+from synth.config import build
+from synth.errors import InputError, PolicyBlocked, where
+
+if TYPE_CHECKING:
+    from reports.facts import ApprovalFacts, ReleaseFacts
+
+T = TypeVar("T", bound=BaseModel)
 
 # The header file of each artifact kind, in the order they are looked for.
 _HEADERS = ("dataset.json", "model_card.json", "privacy.json", "utility.json", "summary.json", "report.json")
@@ -45,18 +57,19 @@ def run_stage(
     inputs: Mapping[str, str],
     config: Any,
     build: Callable[[Path], Path],
+    extra_outputs: Sequence[Path] = (),
     on_cached: Callable[[str, Path], None] | None = None,
 ) -> Path:
     """Run `build(out)` for `workdir/name` unless a finished run with the same key is there.
 
     An output without a matching stamp is stale (other inputs or config, or a crash between the stage's atomic
-    rename and the stamp) and is removed before rebuilding.
+    rename and the stamp) and is removed before rebuilding, with any `extra_outputs` the stage also writes.
     """
     workdir = Path(workdir)
     out = workdir / name
     stamp = workdir / STAMPS / f"{name}.json"
     key = stage_key(name, inputs, config)
-    if out.exists() and stamp.is_file():
+    if out.exists() and all(p.exists() for p in extra_outputs) and stamp.is_file():
         try:
             recorded = json.loads(stamp.read_text())
         except (OSError, json.JSONDecodeError):
@@ -65,8 +78,9 @@ def run_stage(
             if on_cached:
                 on_cached(name, out)
             return out
-    if out.exists():
-        shutil.rmtree(out)
+    for stale in (out, *extra_outputs):
+        if stale.exists():
+            shutil.rmtree(stale)
     stamp.unlink(missing_ok=True)
     result = Path(build(out))
     stamp.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +108,8 @@ def ingest_stage(cfg: ReleaseConfig) -> Path:
         cfg.workdir, DATASET, inputs={"source": source_id}, config=src.model_dump(mode="json"),
         build=lambda out: ingest(
             src.path, out, csv=src.csv, fmt=src.format, size=src.size, channels=src.channels,
-            duplicate_policy=src.duplicates,
+            class_names=src.classes, duplicate_policy=src.duplicates, license=src.license,
+            attribution=src.attribution,
         ),
     )
 
@@ -115,8 +130,8 @@ def _source_identity(path: str, csv: Path | None) -> str:
         ident = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     else:
         raise InputError(where(p, "no such file or directory"))
-    if csv is not None:
-        ident += ":" + sha256_file(csv) if Path(csv).is_file() else ""
+    if csv is not None and Path(csv).is_file():
+        ident += ":" + sha256_file(csv)
     return ident
 
 
@@ -129,7 +144,7 @@ def validate_stage(cfg: ReleaseConfig, dataset: Path) -> Path:
         config={"min_per_class": cfg.source.min_per_class},
         build=lambda out: validate_dataset(dataset, out, min_per_class=cfg.source.min_per_class).out or out,
     )
-    load_report(out / "report.json").raise_for_blocking()
+    load_report(out).raise_for_blocking()
     return out
 
 
@@ -178,3 +193,252 @@ def generate_stage(cfg: ReleaseConfig, model: Path) -> Path:
             device=cfg.device, progress=False,
         ),
     )
+
+
+def privacy_audit_stage(cfg: ReleaseConfig, dataset: Path, synthetic: Path, model: Path) -> tuple[Path, Path]:
+    """Memorization, disclosure, the DP ledger check (and membership inference); returns (audit dir, the set to
+    release: the synthetic set without flagged images and with k-anonymity suppression when `filter_flagged`)."""
+    from privacy.audit import PrivacyAuditConfig, audit_privacy
+
+    audit_cfg = build_config(PrivacyAuditConfig, cfg.privacy_audit, "privacy_audit")
+    released = cfg.workdir / RELEASED
+    inputs = {"dataset": artifact_hash(dataset), "synthetic": artifact_hash(synthetic), "model": artifact_hash(model)}
+    audit = run_stage(
+        cfg.workdir, PRIVACY, inputs=inputs,
+        config={"audit": audit_cfg.model_dump(mode="json"), "filter": cfg.filter_flagged},
+        build=lambda out: audit_privacy(dataset, synthetic, out, model_dir=model, config=audit_cfg,
+                                        filter_out=released if cfg.filter_flagged else None),
+        extra_outputs=(released,) if cfg.filter_flagged else (),
+    )
+    if not cfg.filter_flagged:
+        return audit, synthetic
+    if not released.exists():
+        raise PolicyBlocked(where(audit, "every synthetic image was flagged as a copy: nothing left to release"))
+    return audit, released
+
+
+def utility_audit_stage(cfg: ReleaseConfig, dataset: Path, released: Path) -> Path:
+    """TRTR/TRTS/TSTR/augmentation and fidelity of the set to be released."""
+    from reports.utility import UtilityConfig, audit_utility
+
+    util_cfg = build_config(UtilityConfig, cfg.utility_audit, "utility_audit")
+    return run_stage(
+        cfg.workdir, UTILITY, inputs={"dataset": artifact_hash(dataset), "released": artifact_hash(released)},
+        config=util_cfg.model_dump(mode="json"),
+        build=lambda out: audit_utility(dataset, released, out, config=util_cfg),
+    )
+
+
+def build_config(cls: type[T], data: Mapping[str, Any], name: str) -> T:
+    """A stage's typed config from the release file's mapping (errors name the section)."""
+    return build(cls, data, source=f"release config [{name}]")
+
+
+def gate_inputs(privacy_dir: Path, utility_dir: Path, model: Path, released: Path) -> GateInputs:
+    """The numbers the gate judges, read off the artifacts (and recomputed on the released set where it matters:
+    what is released is what must be safe)."""
+    import pandas as pd
+
+    from privacy.audit import read_privacy_audit
+    from privacy.disclosure import check_disclosure
+    from synth.data.canonical import load_dataset
+
+    audit = read_privacy_audit(privacy_dir)
+    utility = read_header(utility_dir, "utility.json")
+    card = read_header(model, "model_card.json")
+    privacy = card.get("privacy") or {}
+    rel = load_dataset(released)
+    table = pd.read_parquet(privacy_dir / audit["memorization"]["table"], columns=["image_id", "flagged"])
+    flagged_ids = set(table.loc[table["flagged"], "image_id"])
+    released_ids = rel.metadata["image_id"]
+    ledger_check = audit.get("ledger_check")
+    membership = audit.get("membership") or {}
+    disclosure = check_disclosure(rel.metadata, k=int(audit["config"].get("disclosure_k", 5)),
+                                  real_attributes=load_dataset(privacy_dir.parent / DATASET).header["attributes"]
+                                  if (privacy_dir.parent / DATASET).exists() else None)
+    counts = rel.header["counts"]["per_class"].get("synthetic", {})
+    return GateInputs(
+        dp=bool(privacy),
+        epsilon=privacy.get("epsilon"),
+        delta=privacy.get("delta"),
+        ledger_check_passed=None if ledger_check is None else bool(ledger_check.get("passed")),
+        flagged_fraction=float(released_ids.isin(flagged_ids).mean()) if len(released_ids) else 1.0,
+        flagged_fraction_before_filter=float(audit["memorization"]["flagged_fraction"]),
+        membership_auc=membership.get("auc"),
+        membership_tpr_at_1pct_fpr=membership.get("tpr_at_1pct_fpr"),
+        tstr_trtr_ratio=(utility.get("tstr_over_trtr") or {}).get("value"),
+        trts_accuracy=((utility.get("trts") or {}).get("accuracy") or {}).get("value"),
+        per_class_counts={str(k): int(v) for k, v in counts.items()},
+        disclosure_violations=disclosure.violations + int(disclosure.released_patient_id),
+    )
+
+
+def gate_stage(cfg: ReleaseConfig, privacy_dir: Path, utility_dir: Path, model: Path, released: Path) -> Verdict:
+    """Judge the run against the policy; the verdict is written to the work dir (small JSON)."""
+    verdict = gate(gate_inputs(privacy_dir, utility_dir, model, released), cfg.policy)
+    with atomic_file(cfg.workdir / VERDICT) as tmp:
+        tmp.write_text(verdict.model_dump_json(indent=2))
+    return verdict
+
+
+def report_stage(
+    cfg: ReleaseConfig, *, dataset: Path, model: Path, released: Path, privacy_dir: Path, utility_dir: Path,
+    verdict: Verdict | None, public: bool,
+) -> Path:
+    """The steward's report (real images shown; never leaves the site) or its public variant (no real pixels)."""
+    from reports.report import render_report
+
+    out = cfg.workdir / (PUBLIC_REPORT if public else REPORT)
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(out)  # cheap to redo, and the verdict changes between the two renderings of a run
+    return render_report(privacy_dir=privacy_dir, utility_dir=utility_dir, real_dir=dataset, synthetic_dir=released,
+                         model_dir=model, verdict=verdict, out=out, public=public)
+
+
+def release_id_for(cfg: ReleaseConfig, released: Path) -> str:
+    """The configured id, or `<title slug>-<UTC date>-<first 8 hex of the released set's hash>`."""
+    from flows.publish import check_release_id
+
+    if cfg.release_id:
+        return check_release_id(cfg.release_id)
+    slug = re.sub(r"[^a-z0-9]+", "-", cfg.title.lower()).strip("-")[:40] or "release"
+    return check_release_id(f"{slug}-{datetime.now(UTC):%Y%m%d}-{artifact_hash(released)[:8]}")
+
+
+def release_facts(
+    cfg: ReleaseConfig, *, release_id: str, dataset: Path, model: Path, synthetic: Path, released: Path,
+    privacy_dir: Path, utility_dir: Path, verdict: Verdict, approval: ApprovalFacts,
+) -> ReleaseFacts:
+    """Everything the dataset card, datasheet and Croissant say, read off the run's artifacts."""
+    from privacy.audit import read_privacy_audit
+    from reports.facts import (
+        Estimate,
+        GateFacts,
+        ModelFacts,
+        PrivacyAuditFacts,
+        PrivacyFacts,
+        ReleaseFacts,
+        SourceFacts,
+        SyntheticFacts,
+        UtilityAuditFacts,
+        git_commit,
+    )
+
+    audit = read_privacy_audit(privacy_dir)
+    utility = read_header(utility_dir, "utility.json")
+    mem = audit["memorization"]
+    membership = audit.get("membership") or {}
+    n_generated = int(audit["counts"]["synthetic"])
+    n_released = int(read_header(released, "dataset.json")["counts"]["total"])
+
+    def estimate(metric: Mapping[str, Any] | None) -> Estimate | None:
+        if not metric or metric.get("value") is None:
+            return None
+        ci = metric.get("ci") or [None, None]
+        return Estimate(value=float(metric["value"]), ci_low=ci[0], ci_high=ci[1], ci_level=0.95)
+
+    auroc = {name.upper(): estimate((utility.get(name) or {}).get("auroc")) for name in ("trtr", "trts", "tstr")}
+    accuracy = {name.upper(): estimate((utility.get(name) or {}).get("accuracy")) for name in ("trtr", "trts", "tstr")}
+    generation = read_header(synthetic, "dataset.json")
+    return ReleaseFacts(
+        release_id=release_id,
+        title=cfg.title,
+        purpose=cfg.purpose,
+        publisher=cfg.publisher,
+        contact=cfg.contact,
+        git_commit=git_commit(),
+        source=SourceFacts.from_dataset(dataset),
+        model=ModelFacts.from_model_dir(model),
+        privacy=PrivacyFacts.from_model_dir(model),
+        privacy_audit=PrivacyAuditFacts(
+            flagged_fraction_before=float(mem["flagged_fraction"]),
+            flagged_fraction_after=0.0 if released != synthetic else float(mem["flagged_fraction"]),
+            removed=n_generated - n_released,
+            thresholds={str(k): float(v) for k, v in (mem.get("thresholds") or {}).items()
+                        if isinstance(v, int | float)},
+            membership_auc=membership.get("auc"),
+            disclosure_k=int(audit["config"].get("disclosure_k", 5)),
+        ),
+        utility_audit=UtilityAuditFacts(
+            auroc={k: v for k, v in auroc.items() if v is not None},
+            accuracy={k: v for k, v in accuracy.items() if v is not None},
+            classifier="small ResNet-style CNN (reports/classifier.py)",
+        ),
+        gate=GateFacts(verdict=verdict.decision, reasons=tuple(verdict.reasons),
+                       policy=cfg.policy.model_dump(mode="json")),
+        approval=approval,
+        synthetic=SyntheticFacts.from_dataset(released, generation=generation.get("config") or {}),
+    )
+
+
+def provenance_predicate(
+    cfg: ReleaseConfig, facts: ReleaseFacts, artifacts: Mapping[str, Path]
+) -> dict[str, Any]:
+    """What produced the bundle (the in-toto predicate): input hashes, config, code version, approval."""
+    config = cfg.model_dump(mode="json", exclude={"workdir", "releases_dir", "private_key", "passphrase_env"})
+    privacy = facts.privacy
+    return {
+        "release_id": facts.release_id,
+        "summary": f"{facts.title}: {facts.synthetic.counts_per_class}",
+        "created": facts.created.isoformat(),
+        "builder": {"name": "synthgate", "version": facts.synthgate_version, "git_commit": facts.git_commit},
+        "inputs": {name: artifact_hash(path) for name, path in artifacts.items()},
+        "source": {"content_hash": facts.source.content_hash, "file_sha256": facts.source.file_sha256},
+        "config": config,
+        "privacy": ({"epsilon": privacy.epsilon, "delta": privacy.delta, "accountant": privacy.accountant}
+                    if privacy.dp else None),
+        "synthetic": {"images": sum(facts.synthetic.counts_per_class.values()),
+                      "content_hash": facts.synthetic.content_hash},
+        "gate": facts.gate.verdict,
+        "approval": facts.approval.model_dump(mode="json") if facts.approval else None,
+    }
+
+
+def bundle_stage(
+    cfg: ReleaseConfig, *, release_id: str, dataset: Path, model: Path, synthetic: Path, released: Path,
+    privacy_dir: Path, utility_dir: Path, verdict: Verdict, approval: ApprovalFacts,
+) -> Path:
+    """Render the public report, write the bundle, sign it; all in a temporary directory renamed into place."""
+    from flows.bundle import write_bundle_content
+    from flows.keys import load_private_key
+    from flows.signing import sign_bundle
+    from synth.artifacts import atomic_dir
+    from synth.data.canonical import load_dataset
+
+    if not verdict.passed or approval.decision != "approved":
+        raise PolicyBlocked("a release is signed only after a passing gate and an approval")
+    key = load_private_key(cfg.private_key, passphrase=_passphrase(cfg))
+    public_report = report_stage(cfg, dataset=dataset, model=model, released=released, privacy_dir=privacy_dir,
+                                 utility_dir=utility_dir, verdict=verdict, public=True)
+    facts = release_facts(cfg, release_id=release_id, dataset=dataset, model=model, synthetic=synthetic,
+                          released=released, privacy_dir=privacy_dir, utility_dir=utility_dir, verdict=verdict,
+                          approval=approval)
+    real_hashes = set(load_dataset(dataset).metadata["sha256"])
+    out = cfg.workdir / BUNDLE
+    with atomic_dir(out, overwrite=True) as tmp:
+        write_bundle_content(tmp, synthetic_dir=released, public_report_dir=public_report, facts=facts,
+                             summaries={"gate.json": verdict.model_dump(mode="json")}, real_pixel_hashes=real_hashes)
+        sign_bundle(tmp, key, predicate=provenance_predicate(cfg, facts, {
+            "dataset": dataset, "model": model, "synthetic": synthetic, "released": released,
+            "privacy_audit": privacy_dir, "utility_audit": utility_dir}))
+    return out
+
+
+def _passphrase(cfg: ReleaseConfig) -> bytes | None:
+    import os
+
+    if not cfg.passphrase_env:
+        return None
+    value = os.environ.get(cfg.passphrase_env)
+    if not value:
+        raise InputError(f"passphrase_env {cfg.passphrase_env}: the variable is not set or empty")
+    return value.encode()
+
+
+def publish_stage(cfg: ReleaseConfig, bundle: Path, release_id: str) -> Path:
+    """Verify the signed bundle with the public half of the key and move it into the releases directory."""
+    from flows.keys import load_private_key
+    from flows.publish import publish
+
+    public_key = load_private_key(cfg.private_key, passphrase=_passphrase(cfg)).public_key()
+    return publish(bundle, cfg.releases_dir, public_key, release_id=release_id)

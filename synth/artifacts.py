@@ -203,6 +203,9 @@ def read_header(root: Path, name: str, *, kind: str | None = None) -> dict[str, 
 
 def verify_content(root: Path, header: Mapping[str, Any]) -> None:
     """Raise IntegrityError when the payload no longer matches the header's content hash."""
+    missing = [rel for rel in header["files"] if not (Path(root) / rel).is_file()]
+    if missing:
+        raise IntegrityError(where(root, f"is missing {missing[0]!r}, listed in its header"))
     actual = content_hash(Path(root), list(header["files"]))
     if actual != header["content_hash"]:
         raise IntegrityError(where(root, "content hash does not match its header (files changed)"))

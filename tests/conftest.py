@@ -15,6 +15,8 @@ from synth.data.locate import data_dir as _data_dir
 # Keep Prefect and GX quiet and offline in tests.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Rich wraps at 80 columns when output is not a terminal; wide lines keep paths whole in CLI assertions.
+os.environ["COLUMNS"] = "200"
 
 
 @pytest.fixture(scope="session")

@@ -49,3 +49,29 @@ def test_failed_build_leaves_no_stamp(tmp_path):
 def test_artifact_hash_needs_a_header(tmp_path):
     with pytest.raises(InputError):
         artifact_hash(tmp_path)
+
+
+def test_example_release_file_is_valid():
+    from pathlib import Path
+
+    from flows.release_config import ReleaseConfig
+
+    cfg = ReleaseConfig.from_yaml(Path(__file__).parents[1] / "examples" / "release.yaml")
+    assert cfg.train.preset == "small" and cfg.policy.min_per_class_count == 50
+    assert cfg.privacy_audit["memorization"]["quantile"] == 0.01
+
+
+def test_bad_release_file_names_file_and_field(tmp_path):
+    from flows.release_config import ReleaseConfig
+    from synth.errors import ConfigError
+
+    path = tmp_path / "r.yaml"
+    path.write_text("dp: {enabled: true, epsilon: -1}\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: dp\.epsilon: .*\(got -1\)"):
+        ReleaseConfig.from_yaml(path)
+    path.write_text("utility_audit: {ratio: [1]}\n")
+    with pytest.raises(ConfigError, match=r"utility_audit.*ratio"):
+        ReleaseConfig.from_yaml(path)
+    path.write_text("trian: {}\n")
+    with pytest.raises(ConfigError, match="trian"):
+        ReleaseConfig.from_yaml(path)

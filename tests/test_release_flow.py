@@ -1,0 +1,166 @@
+"""The whole release flow end to end on a small slice of the real PneumoniaMNIST, through Prefect (ephemeral).
+
+One module-scoped run is shared by the checks: it crashes once in the middle of training, is rerun, resumes
+from its checkpoint and publishes a bundle that verifies, loads with `datasets`, and whose Croissant validates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from flows.cli import run
+from flows.keys import generate_keys, load_public_key
+from flows.release_config import ReleaseConfig
+from flows.signing import verify_bundle
+from synth.data.canonical import load_dataset
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+
+def write_real_slice(npz_in, npz_out, sizes, seed=0):
+    """A class-balanced slice of the real .npz, in MedMNIST layout."""
+    rng = np.random.default_rng(seed)
+    src = np.load(npz_in)
+    arrays = {}
+    for split, n in sizes.items():
+        labels = src[f"{split}_labels"][:, 0]
+        idx = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), n // 2, replace=False)
+                                      for c in (0, 1)]))
+        arrays[f"{split}_images"] = src[f"{split}_images"][idx]
+        arrays[f"{split}_labels"] = src[f"{split}_labels"][idx]
+    np.savez(npz_out, **arrays)
+    return npz_out
+
+
+def small_config(tmp, source, **updates):
+    data = {
+        "title": "Synthetic PneumoniaMNIST slice",
+        "workdir": str(tmp / "work"),
+        "releases_dir": str(tmp / "releases"),
+        "private_key": str(tmp / "keys" / "release.key"),
+        "device": "cpu",
+        "source": {"path": str(source), "min_per_class": 5, "classes": ["normal", "pneumonia"],
+                   "license": "CC BY 4.0", "attribution": "MedMNIST v2 (Yang et al. 2023); Kermany et al. 2018"},
+        "train": {"preset": "tiny", "max_steps": 24, "checkpoint_every": 8, "batch_size": 32},
+        "generate": {"n": 48, "batch_size": 48, "steps": 8},
+        "privacy_audit": {"encoder": {"steps": 20, "batch_size": 64}},
+        "utility_audit": {"classifier": {"epochs": 1, "threads": 1}, "n_boot": 50, "ratios": [1.0],
+                          "fidelity": False},
+        "approval": {"auto_approve": True},
+    }
+    data.update(updates)
+    return ReleaseConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """One temporary Prefect server for the module, stopped while pytest still captures its output."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory, pneumonia_npz, prefect_server):
+    import synth.training as training
+
+    tmp = tmp_path_factory.mktemp("release")
+    generate_keys(tmp / "keys")
+    source = write_real_slice(pneumonia_npz, tmp / "slice.npz", {"train": 96, "val": 48, "test": 48})
+    cfg = small_config(tmp, source)
+
+    from flows.release import release
+
+    # First run: the process dies in the middle of training (after the step-8 checkpoint, before step 12's),
+    # without a chance to save: only the periodic checkpoint survives.
+    real_train = training.train
+
+    class Killed(Exception):
+        pass
+
+    def crashing_train(*args, **kwargs):
+        def on_step(step, loss):
+            if step == 12:
+                raise Killed("simulated kill")
+        return real_train(*args, **kwargs, on_step=on_step)
+
+    training.train = crashing_train
+    try:
+        with pytest.raises(Killed):
+            release(config=cfg)
+    finally:
+        training.train = real_train
+    assert (tmp / "work" / "model.ckpt").is_dir() and not (tmp / "work" / "model").exists()
+    result = release(config=cfg)
+    return tmp, cfg, result
+
+
+def test_release_is_published_and_verifies(released):
+    tmp, _, result = released
+    assert result.status == "published"
+    bundle = result.bundle
+    assert bundle.parent == tmp / "releases"
+    verified = verify_bundle(bundle, load_public_key(tmp / "keys" / "release.pub"))
+    assert verified.predicate["approval"]["auto_approved"] is True
+    index = json.loads((tmp / "releases" / "index.json").read_text())
+    assert [r["release_id"] for r in index["releases"]] == [result.release_id]
+    assert not list(bundle.rglob("*.key")), "the private key never enters a bundle"
+
+
+def test_training_resumed_from_checkpoint(released):
+    tmp, _, _ = released
+    card = json.loads((tmp / "work" / "model" / "model_card.json").read_text())
+    assert card["resumed_from_step"] == 8 and card["steps"] == 24
+    assert not (tmp / "work" / "model.ckpt").exists()
+
+
+def test_bundle_has_no_real_pixels_and_loads_with_datasets(released, tmp_path):
+    tmp, _, result = released
+    from PIL import Image
+
+    real = set(load_dataset(tmp / "work" / "dataset").metadata["sha256"])
+    import hashlib
+
+    pngs = sorted((result.bundle / "data").rglob("*.png"))
+    assert pngs
+    for png in pngs:
+        assert hashlib.sha256(np.asarray(Image.open(png)).tobytes()).hexdigest() not in real
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import datasets
+
+    ds = datasets.load_dataset(str(result.bundle), split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.features["label"].names == ["normal", "pneumonia"]
+    released_meta = load_dataset(tmp / "work" / "synthetic-released").metadata
+    assert sorted(ds["label"]) == sorted(released_meta["label"].tolist())
+
+
+def test_croissant_validates_and_documents_match(released):
+    from reports.croissant import validate_croissant
+
+    _, _, result = released
+    assert validate_croissant(result.bundle / "croissant.json") == []
+    datasheet = (result.bundle / "datasheet.md").read_text()
+    assert "auto-approved" in datasheet.lower()
+    html = (result.bundle / "report" / "report.html").read_text()
+    assert 'id="memorization"' in html
+
+
+def test_rerun_reuses_every_stage(released):
+    tmp, cfg, _ = released
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp / "work" / ".stages").iterdir()}
+    from flows.stages import generate_stage, ingest_stage, train_stage
+
+    dataset = ingest_stage(cfg)
+    model = train_stage(cfg, dataset)
+    generate_stage(cfg, model)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp / "work" / ".stages").iterdir()} == stamps
+
+
+def test_cli_release_needs_a_key(tmp_path, capsys):
+    assert run(["release", "--key", str(tmp_path / "nokey"), "--workdir", str(tmp_path / "w")]) == 2
+    assert "synthgate keys generate" in capsys.readouterr().err
