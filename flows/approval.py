@@ -45,6 +45,7 @@ def request_approval(report: Path, summary: str, *, timeout_s: int) -> ApprovalF
             description=approval_request(report, summary), approve=False, reviewer="", comment=""
         ),
         timeout=timeout_s,
+        poll_interval=2,  # a steward's click should take effect in seconds
     )
     return ApprovalFacts(
         decision="approved" if answer.approve else "rejected",

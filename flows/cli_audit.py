@@ -40,13 +40,17 @@ def privacy_cmd(
     k: Annotated[int, typer.Option("--k", help="Minimum synthetic records per combination of released "
                                                 "attributes.")] = 5,
     index: Annotated[str, typer.Option(help="exact | ivf | hnsw (nearest-neighbour index)")] = "exact",
+    membership: Annotated[bool, typer.Option(help="Run membership inference on --model (loss and PIA attacks).")]
+    = True,
+    membership_n: Annotated[int, typer.Option(help="Members (and as many non-members) the attacks use.")] = 256,
     threads: Annotated[int | None, typer.Option(min=1, help="torch and faiss threads (default: theirs); on shared "
                                                             "cores 1 can be faster")] = None,
 ) -> int:
-    """Memorization (nearest training image of every synthetic image), disclosure (k-anonymity) and the DP ledger
-    check; exit 1 when a blocking finding fails, 2 on bad input."""
+    """Memorization (nearest training image of every synthetic image), disclosure (k-anonymity), the DP ledger check
+    and, with --model, membership inference; exit 1 when a blocking finding fails, 2 on bad input."""
     from privacy.audit import PrivacyAuditConfig, audit_privacy, read_privacy_audit
     from privacy.embeddings import EncoderConfig
+    from privacy.membership import MembershipConfig
     from privacy.memorization import MemorizationConfig, SearchConfig
 
     if threads is not None:
@@ -62,6 +66,7 @@ def privacy_cmd(
         encoder_dir=encoder,
         disclosure_k=k,
         max_flagged_fraction=max_flagged_fraction,
+        membership=MembershipConfig(n=membership_n) if membership else None,
     )
     with console.status("auditing privacy (training the copy-detection encoder)" if encoder is None
                         else "auditing privacy"):

@@ -1,4 +1,4 @@
-"""`synthgate release`, `synthgate approve` and `synthgate serve`: the Prefect release flow from the shell."""
+"""`synthgate release`, `synthgate approve` and `synthgate serve-flow`: the Prefect release flow from the shell."""
 
 from __future__ import annotations
 
@@ -92,4 +92,4 @@ def serve_cmd(
 def register(app: typer.Typer) -> None:
     app.command("release")(release_cmd)
     app.command("approve")(approve_cmd)
-    app.command("serve")(serve_cmd)
+    app.command("serve-flow")(serve_cmd)

@@ -159,9 +159,16 @@ def train_stage(cfg: ReleaseConfig, dataset: Path) -> Path:
         privacy = _dp_strategy(cfg, dataset) if cfg.dp.enabled else None
         ckpt = out.parent / f"{out.name}.ckpt"
         return train(dataset, out, train_cfg, privacy=privacy, resume=ckpt.exists(), checkpoint_dir=ckpt,
-                     progress=False)
+                     progress=_interactive())
 
     return run_stage(cfg.workdir, MODEL, inputs={"dataset": artifact_hash(dataset)}, config=config, build=build)
+
+
+def _interactive() -> bool:
+    """Progress bars only for a person at a terminal (not in CI logs or Prefect workers)."""
+    import sys
+
+    return sys.stderr.isatty()
 
 
 def _dp_strategy(cfg: ReleaseConfig, dataset: Path) -> Any:
@@ -190,7 +197,7 @@ def generate_stage(cfg: ReleaseConfig, model: Path) -> Path:
         build=lambda out: generate(
             model, out, n=None if g.per_class else g.n, per_class=g.per_class, sampler=g.sampler or DEFAULT_SAMPLER,
             steps=g.steps, guidance_scale=g.guidance_scale, batch_size=g.batch_size, seed=g.seed,
-            device=cfg.device, progress=False,
+            device=cfg.device, progress=_interactive(),
         ),
     )
 
@@ -253,9 +260,9 @@ def gate_inputs(privacy_dir: Path, utility_dir: Path, model: Path, released: Pat
     released_ids = rel.metadata["image_id"]
     ledger_check = audit.get("ledger_check")
     membership = audit.get("membership") or {}
-    disclosure = check_disclosure(rel.metadata, k=int(audit["config"].get("disclosure_k", 5)),
-                                  real_attributes=load_dataset(privacy_dir.parent / DATASET).header["attributes"]
-                                  if (privacy_dir.parent / DATASET).exists() else None)
+    # The released set is re-checked on the columns the audit judged released (label + patient attributes).
+    disclosure = check_disclosure(rel.metadata, k=int(audit["disclosure"]["k"]),
+                                  columns=list(audit["disclosure"]["columns"]))
     counts = rel.header["counts"]["per_class"].get("synthetic", {})
     return GateInputs(
         dp=bool(privacy),
@@ -264,7 +271,8 @@ def gate_inputs(privacy_dir: Path, utility_dir: Path, model: Path, released: Pat
         ledger_check_passed=None if ledger_check is None else bool(ledger_check.get("passed")),
         flagged_fraction=float(released_ids.isin(flagged_ids).mean()) if len(released_ids) else 1.0,
         flagged_fraction_before_filter=float(audit["memorization"]["flagged_fraction"]),
-        membership_auc=membership.get("auc"),
+        # Either direction: an attacker can learn an attack's sign from shadow models.
+        membership_auc=membership.get("auc_any_direction", membership.get("auc")),
         membership_tpr_at_1pct_fpr=membership.get("tpr_at_1pct_fpr"),
         tstr_trtr_ratio=(utility.get("tstr_over_trtr") or {}).get("value"),
         trts_accuracy=((utility.get("trts") or {}).get("accuracy") or {}).get("value"),

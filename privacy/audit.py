@@ -4,7 +4,7 @@
 
     privacy.json               header (kind "privacy_audit"; inputs = content hashes of real, synthetic, model,
                                ledger, encoder) and the findings: memorization summary, disclosure, ledger check,
-                               membership (null until `privacy.membership` lands)
+                               membership inference on the model (privacy/membership.py) when a model is given
     memorization.parquet       one row per synthetic image (see `privacy.memorization`)
     holdout_distances.parquet  the null: one row per real holdout image, with the exclusion reason if excluded
     plots.json                 histograms of synthetic→train vs holdout→train distances per space, with the
@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from privacy.disclosure import check_disclosure
 from privacy.embeddings import EncoderConfig, load_encoder, save_encoder, train_encoder, training_data_id
 from privacy.ledger_check import LEDGER_FILE, check_ledger
+from privacy.membership import MembershipConfig, membership_audit, membership_summary
 from privacy.memorization import ImageSet, MemorizationConfig, check_memorization, filter_flagged
 from synth.artifacts import atomic_dir, read_header, sha256_file, write_header, write_json
 from synth.data.canonical import Dataset, image_spec, load_dataset
@@ -62,6 +63,8 @@ class PrivacyAuditConfig(BaseModel):
     # Blocking threshold on the share of synthetic images flagged as copies; None: flagged images only warn.
     max_flagged_fraction: float | None = Field(None, ge=0.0, le=1.0)
     ledger_tolerance: float = Field(0.01, ge=0.0, lt=1.0)
+    # Membership inference on the model (when a model is given); None skips it.
+    membership: MembershipConfig | None = MembershipConfig()
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,9 @@ def audit_privacy(
     encoder, trained = _encoder(config, inputs)
     result = check_memorization(inputs.train, inputs.holdout, inputs.synth, encoder=encoder,
                                 config=config.memorization)
+    membership = None
+    if model_dir is not None and config.membership is not None:
+        membership = membership_summary(membership_audit(Path(model_dir), Path(real_dir), config=config.membership))
 
     ledger_json = None if ledger is None else {**ledger.to_json(), "message": ledger.message()}
     findings = _findings(config, result.summary, disclosure.to_json(), ledger_json, inputs)
@@ -278,8 +284,7 @@ def audit_privacy(
                 "memorization": {**result.summary, "table": TABLE, "holdout_table": NULL_TABLE, "plots": PLOTS},
                 "disclosure": disclosure.to_json(),
                 "ledger_check": ledger_json,
-                # Membership inference (privacy/membership.py) fills this once the trainer lands.
-                "membership": None,
+                "membership": membership,
                 "encoder": {"dir": ENCODER_DIR, "trained_for_this_audit": trained, **encoder.meta},
                 "filtered": filtered,
             }

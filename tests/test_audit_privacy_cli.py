@@ -121,7 +121,7 @@ def test_ledger_check_passes_and_fails(tmp_path, pneumonia_slice, synthetic):
     # through the CLI: a disagreeing ledger blocks (exit 1) and is reported
     out = tmp_path / "audit"
     code = run(["audit", "privacy", "--real", str(pneumonia_slice), "--synthetic", str(synthetic), "--out", str(out),
-                "--model", str(tmp_path / "bad"), *STEPS])
+                "--model", str(tmp_path / "bad"), "--no-membership", *STEPS])
     assert code == 1
     header = read_header(out, "privacy.json")
     assert header["ledger_check"]["passed"] is False

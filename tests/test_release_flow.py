@@ -164,3 +164,90 @@ def test_rerun_reuses_every_stage(released):
 def test_cli_release_needs_a_key(tmp_path, capsys):
     assert run(["release", "--key", str(tmp_path / "nokey"), "--workdir", str(tmp_path / "w")]) == 2
     assert "synthgate keys generate" in capsys.readouterr().err
+
+
+def _run_paused_release(cfg, decision):
+    """Run the flow in a thread, wait until it pauses for approval, answer with `decision`, return the result."""
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.release import release
+
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("result", release(config=cfg)), daemon=True)
+    thread.start()
+    paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    deadline = time.monotonic() + 240
+    run_id = None
+    while run_id is None and time.monotonic() < deadline and thread.is_alive():
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=paused)
+        run_id = runs[0].id if runs else None
+        time.sleep(1)
+    assert run_id is not None, "the release flow never paused for approval"
+    resume_flow_run(run_id, run_input=decision)
+    thread.join(240)
+    return out["result"]
+
+
+def test_steward_approval_goes_into_the_bundle(released):
+    tmp, cfg, _ = released
+    manual = cfg.model_copy(update={
+        "releases_dir": tmp / "releases-manual",
+        "approval": cfg.approval.model_copy(update={"auto_approve": False, "timeout_s": 300}),
+    })
+    result = _run_paused_release(manual, {"approve": True, "reviewer": "Dr. A. Steward",
+                                          "comment": "<b>checked</b> the closest pairs"})
+    assert result.status == "published"
+    datasheet = (result.bundle / "datasheet.md").read_text()
+    assert "Dr. A. Steward" in datasheet and "<b>checked</b>" not in datasheet
+    predicate = verify_bundle(result.bundle, load_public_key(tmp / "keys" / "release.pub")).predicate
+    assert predicate["approval"]["auto_approved"] is False and predicate["approval"]["reviewer"] == "Dr. A. Steward"
+
+
+def test_rejected_release_is_never_published(released):
+    tmp, cfg, _ = released
+    manual = cfg.model_copy(update={
+        "releases_dir": tmp / "releases-rejected",
+        "approval": cfg.approval.model_copy(update={"auto_approve": False, "timeout_s": 300}),
+    })
+    result = _run_paused_release(manual, {"approve": False, "reviewer": "Dr. B", "comment": "not yet"})
+    assert result.status == "rejected" and result.bundle is None
+    assert not (tmp / "releases-rejected").exists() or not any((tmp / "releases-rejected").iterdir())
+
+
+def test_planted_training_copies_block_the_release(released, tmp_path):
+    """A synthetic set that holds copies of training images is blocked, even though filtering would drop them."""
+    from flows.policy import Policy, gate
+    from flows.stages import gate_inputs
+    from privacy.audit import PrivacyAuditConfig, audit_privacy
+    from synth.data.canonical import write_dataset
+
+    tmp, cfg, _ = released
+    work = tmp / "work"
+    syn = load_dataset(work / "synthetic")
+    train_images, train_meta = load_dataset(work / "dataset").split("train")
+    images = np.asarray(syn.images).copy()
+    planted = len(images) // 4
+    images[:planted] = train_images[:planted]  # a generator that memorised a quarter of its output
+    meta = syn.metadata.drop(columns="sha256").copy()
+    meta.loc[: planted - 1, "label"] = train_meta["label"].to_numpy()[:planted]
+    bad = write_dataset(tmp_path / "planted", images, meta, class_names=syn.class_names,
+                        source=syn.header["source"], inputs=syn.header["inputs"])
+    audit = audit_privacy(work / "dataset", bad, tmp_path / "audit", model_dir=work / "model",
+                          config=PrivacyAuditConfig.model_validate(cfg.privacy_audit),
+                          filter_out=tmp_path / "filtered")
+    inputs = gate_inputs(audit, work / "audit-utility", work / "model", tmp_path / "filtered")
+    assert inputs.flagged_fraction == 0.0 and inputs.flagged_fraction_before_filter >= 0.25
+    verdict = gate(inputs, Policy())
+    assert verdict.decision == "block"
+    assert [c.rule for c in verdict.checks if not c.passed] == ["max_flagged_fraction_before_filter"]
+    # Without filtering, the copies would be released: blocked by the released-set rule too.
+    unfiltered = gate(gate_inputs(audit, work / "audit-utility", work / "model", bad), Policy())
+    assert {"max_flagged_fraction", "max_flagged_fraction_before_filter"} <= {
+        c.rule for c in unfiltered.checks if not c.passed}
