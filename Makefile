@@ -33,6 +33,12 @@ demo: setup
 	@test -f $(DEMO_OUT)/keys/release.key || $(BIN)/synthgate keys generate --out $(DEMO_OUT)/keys
 	@rm -rf $(DEMO_OUT)/releases
 	$(BIN)/synthgate release --auto-approve
+	@echo
+	@echo "Serve the release to researchers (token-gated downloads, on loopback):"
+	@echo "  $(BIN)/synthgate tokens create --releases $(DEMO_OUT)/releases --name alice --expires 30d"
+	@echo "  $(BIN)/synthgate serve --releases $(DEMO_OUT)/releases --key $(DEMO_OUT)/keys/release.pub"
+	@echo "  $(BIN)/synthgate fetch http://127.0.0.1:8000/releases/<release-id> --token <token> \\"
+	@echo "      --out downloaded --key $(DEMO_OUT)/keys/release.pub --accept-terms"
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -36,6 +36,7 @@ _COMMAND_MODULES = (
     "flows.cli_report",
     "flows.cli_release",
     "flows.cli_flow",
+    "flows.cli_catalog",
 )
 
 

@@ -1,0 +1,212 @@
+"""The catalog web app: release pages and JSON API (public), terms acceptance and downloads (token-gated).
+
+    GET  /                                 HTML index of intact releases
+    GET  /releases/{id}                    HTML page of one release (card, datasheet, audit summary, key, terms)
+    GET  /releases/{id}/report             the bundle's public audit report (sandboxed)
+    GET  /api/releases                     JSON index
+    GET  /api/releases/{id}                JSON detail
+    POST /api/releases/{id}/accept         record acceptance of the terms (Bearer token)
+    GET  /api/releases/{id}/download       the bundle as one tar stream (Bearer token, terms accepted)
+    GET  /openapi.json, /docs              OpenAPI
+
+Every request for a release re-checks it (signature and hashes, cached by a stat stamp); a bundle that fails is
+answered 404 exactly like an absent one. Token problems (missing, unknown, expired, revoked) answer 401, missing
+terms acceptance 403, a stale terms hash 409; each refusal is recorded in the store and logged. A client refused too
+often is answered 429 on the token-gated routes for a while (those are not recorded one by one). Every download is
+recorded (token, release, start, end, bytes handed to the server, complete or not), however it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable, Generator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from flows.catalog.archive import archive_size, bundle_members, iter_tar
+from flows.catalog.releases import Release, ReleaseCatalog
+from flows.catalog.schemas import Acceptance, AcceptRequest, ReleaseDetail, ReleaseList
+from flows.catalog.store import DB_NAME, Store, Token, now
+from flows.catalog.templates import environment, render_markdown
+from flows.catalog.throttle import RefusalThrottle
+
+log = logging.getLogger("synthgate.catalog")
+_REPORT = "report/report.html"
+
+# Pages carry only inline CSS and no scripts; a strict CSP makes any escaping slip inert.
+_HTML_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class _LoggedStream(StreamingResponse):
+    """A streaming response that calls `on_close` once it ends, however it ends (complete, error, client gone).
+
+    A generator's own `finally` is not enough: when the client hangs up, the suspended generator is only closed
+    whenever it is garbage-collected."""
+
+    def __init__(self, content: Generator[bytes, None, None], on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._content, self._on_close = content, on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._close)
+
+    def _close(self) -> None:
+        # ValueError: still running in a worker thread; nothing more is read from it once the response is over.
+        with contextlib.suppress(ValueError):
+            self._content.close()
+        self._on_close()
+
+
+def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25519PublicKey],
+               db_path: Path | None = None, *, max_refusals_per_minute: int = 30) -> FastAPI:
+    """Build the catalog app over `releases_dir`; tokens and logs live in `db_path`
+    (default `<releases_dir>/.catalog.sqlite`). A bundle is served when it verifies under any of `public_keys`.
+    A client refused `max_refusals_per_minute` times within a minute gets 429 on token-gated routes for a while."""
+    keys = [public_keys] if isinstance(public_keys, Ed25519PublicKey) else list(public_keys)
+    catalog = ReleaseCatalog(Path(releases_dir), keys)
+    store = Store(Path(db_path) if db_path else Path(releases_dir) / DB_NAME)
+    # Verify everything once at start: failures are logged now, and the first page view is served from the cache.
+    log.info("catalog of %s: %d intact release(s)", releases_dir, len(catalog.all()))
+    env = environment()
+    app = FastAPI(title="synthgate release catalog", version="1",
+                  description="Signed synthetic image releases: browse freely; download with a token after "
+                              "accepting a release's terms.")
+    app.state.catalog, app.state.store = catalog, store
+    throttle = RefusalThrottle(limit=max_refusals_per_minute, window_s=60.0)
+    # auto_error=False: a missing or malformed header is refused (and logged) by `authorize`, not by FastAPI.
+    bearer = HTTPBearer(auto_error=False, description="An access token from `synthgate tokens create`.")
+
+    def release_or_404(release_id: str) -> Release:
+        release = catalog.get(release_id)
+        if release is None:
+            raise HTTPException(404, "no such release")
+        return release
+
+    def refuse(request: Request, status: int, reason: str, token: Token | None = None) -> HTTPException:
+        client = request.client.host if request.client else None
+        if throttle.record(client or "?"):
+            log.warning("client %s throttled: %d refused requests within %.0f s", client, throttle.limit,
+                        throttle.window_s)
+        store.log_refusal(status, reason, request.url.path, token_id=token.id if token else None, client=client)
+        log.warning("refused %s %s: %s (%s)", request.method, request.url.path, reason,
+                    f"token {token.id}" if token else "no known token")
+        headers = {"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{reason}"'} \
+            if status == 401 else None
+        return HTTPException(status, reason, headers=headers)
+
+    def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Token:
+        wait = throttle.retry_after(request.client.host if request.client else "?")
+        if wait:  # not logged per request: that is what the throttle protects
+            raise HTTPException(429, "too many refused requests; retry later", headers={"Retry-After": str(wait)})
+        if credentials is None or not credentials.credentials.strip():
+            raise refuse(request, 401, "missing bearer token")
+        token = store.find_token(credentials.credentials.strip())
+        if token is None:
+            raise refuse(request, 401, "unknown token")
+        state = token.state()
+        if state != "active":
+            raise refuse(request, 401, f"token {state}", token)
+        return token
+
+    def page(name: str, **context: Any) -> HTMLResponse:
+        return HTMLResponse(env.get_template(name).render(**context), headers=_HTML_HEADERS)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index_page() -> HTMLResponse:
+        return page("index.html", releases=catalog.all())
+
+    @app.get("/releases/{release_id}", response_class=HTMLResponse, include_in_schema=False)
+    def release_page(release_id: str, request: Request) -> HTMLResponse:
+        r = release_or_404(release_id)
+        return page("release.html", r=r, base_url=str(request.base_url),
+                    card_html=render_markdown(r.card), datasheet_html=render_markdown(r.datasheet))
+
+    @app.get("/releases/{release_id}/report", response_class=HTMLResponse, include_in_schema=False)
+    def report_page(release_id: str) -> Response:
+        # The bundle's public audit report (no real pixels): served sandboxed (no scripts, no requests, images only
+        # as data: URIs) and only when its bytes still match the manifest.
+        r = release_or_404(release_id)
+        entry = next((f for f in r.manifest["files"] if f["path"] == _REPORT), None)
+        data = (r.root / _REPORT).read_bytes() if entry is not None else b""
+        if entry is None or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise HTTPException(404, "no intact audit report in this release")
+        return Response(data, media_type="text/html; charset=utf-8", headers={
+            **_HTML_HEADERS, "Content-Security-Policy": "sandbox; default-src 'none'; img-src data:; "
+                                                        "style-src 'unsafe-inline'"})
+
+    @app.get("/api/releases", summary="Intact releases")
+    def list_releases() -> ReleaseList:
+        return ReleaseList.model_validate({"releases": [r.listing() for r in catalog.all()]})
+
+    @app.get("/api/releases/{release_id}", summary="One release: documents, audit summary, terms",
+             responses={404: {"description": "no such release (or it failed verification)"}})
+    def get_release(release_id: str) -> ReleaseDetail:
+        return ReleaseDetail.model_validate(release_or_404(release_id).detail())
+
+    @app.post("/api/releases/{release_id}/accept", summary="Accept a release's terms (Bearer token)",
+              responses={401: {"description": "missing, unknown, expired or revoked token"},
+                         404: {"description": "no such release"},
+                         409: {"description": "terms_sha256 is not the current terms"},
+                         429: {"description": "too many refused requests from this client"}})
+    def accept(release_id: str, request: Request, body: AcceptRequest | None = None,
+               credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Acceptance:
+        r = release_or_404(release_id)
+        token = authorize(request, credentials)
+        if body is not None and body.terms_sha256 is not None and body.terms_sha256 != r.terms_sha256:
+            raise refuse(request, 409, "terms changed: read them again", token)
+        accepted = store.accept(token.id, r.release_id, r.terms_sha256)
+        log.info("token %s accepted the terms of %s", token.id, r.release_id)
+        return Acceptance(release_id=r.release_id, token=token.name, terms_sha256=r.terms_sha256, accepted=accepted)
+
+    @app.get("/api/releases/{release_id}/download", summary="The bundle as one tar (Bearer token, terms accepted)",
+             response_class=StreamingResponse,
+             responses={200: {"content": {"application/x-tar": {}}},
+                        401: {"description": "missing, unknown, expired or revoked token"},
+                        403: {"description": "terms not accepted"}, 404: {"description": "no such release"},
+                        429: {"description": "too many refused requests from this client"}})
+    def download(release_id: str, request: Request,
+                 credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> StreamingResponse:
+        r = release_or_404(release_id)
+        token = authorize(request, credentials)
+        if not store.has_accepted(token.id, r.release_id, r.terms_sha256):
+            raise refuse(request, 403, "terms not accepted for this release", token)
+        members = bundle_members(r.root, r.release_id, r.manifest)
+        size = archive_size(members)
+        started = now()
+        progress = {"sent": 0}
+
+        def stream() -> Generator[bytes, None, None]:
+            for chunk in iter_tar(members):
+                progress["sent"] += len(chunk)
+                yield chunk
+
+        def record() -> None:
+            sent = progress["sent"]
+            store.log_download(token.id, r.release_id, started, sent, sent == size)
+            log.info("download of %s by token %s: %d of %d bytes", r.release_id, token.id, sent, size)
+
+        return _LoggedStream(stream(), record, media_type="application/x-tar", headers={
+            "Content-Length": str(size),
+            "Content-Disposition": f'attachment; filename="{r.release_id}.tar"',
+            "X-Release-Fingerprint": r.fingerprint,
+            "Cache-Control": "no-store",
+        })
+
+    return app
