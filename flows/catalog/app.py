@@ -7,7 +7,7 @@
     GET  /api/releases/{id}                JSON detail
     POST /api/releases/{id}/accept         record acceptance of the terms (Bearer token)
     GET  /api/releases/{id}/download       the bundle as one tar stream (Bearer token, terms accepted)
-    GET  /openapi.json, /docs              OpenAPI
+    GET  /openapi.json                     OpenAPI
 
 Every request for a release re-checks it (signature and hashes, cached by a stat stamp); a bundle that fails is
 answered 404 exactly like an absent one. Token problems (missing, unknown, expired, revoked) answer 401, missing
@@ -85,7 +85,9 @@ def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25
     # Verify everything once at start: failures are logged now, and the first page view is served from the cache.
     log.info("catalog of %s: %d intact release(s)", releases_dir, len(catalog.all()))
     env = environment()
-    app = FastAPI(title="synthgate release catalog", version="1",
+    # No Swagger/ReDoc pages: they load scripts from a public CDN, which a hospital network may not reach and the
+    # pages' Content-Security-Policy forbids; the schema itself is at /openapi.json.
+    app = FastAPI(title="synthgate release catalog", version="1", docs_url=None, redoc_url=None,
                   description="Signed synthetic image releases: browse freely; download with a token after "
                               "accepting a release's terms.")
     app.state.catalog, app.state.store = catalog, store
@@ -128,6 +130,11 @@ def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25
     def page(name: str, **context: Any) -> HTMLResponse:
         return HTMLResponse(env.get_template(name).render(**context), headers=_HTML_HEADERS)
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        # Browsers ask for it on their own; a 404 would be a console error on every page.
+        return Response(status_code=204)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index_page() -> HTMLResponse:
         return page("index.html", releases=catalog.all())
@@ -161,7 +168,8 @@ def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25
         return ReleaseDetail.model_validate(release_or_404(release_id).detail())
 
     @app.post("/api/releases/{release_id}/accept", summary="Accept a release's terms (Bearer token)",
-              responses={401: {"description": "missing, unknown, expired or revoked token"},
+              responses={400: {"description": "request body is not parseable (e.g. not UTF-8 JSON)"},
+                         401: {"description": "missing, unknown, expired or revoked token"},
                          404: {"description": "no such release"},
                          409: {"description": "terms_sha256 is not the current terms"},
                          429: {"description": "too many refused requests from this client"}})

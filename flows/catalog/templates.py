@@ -20,7 +20,7 @@ vertical-align:top}code,pre{background:#f4f4f4;padding:.1rem .3rem}pre{padding:.
 white-space:pre-wrap}.green{color:#176f2c}.amber{color:#8a5a00}.red{color:#a01010}
 section.doc{border:1px solid #ddd;padding:0 1rem;margin:1rem 0;max-height:40rem;overflow:auto}
 </style></head><body>
-<p><a href="/">All releases</a> · <a href="/docs">API</a></p>
+<p><a href="/">All releases</a> · <a href="/openapi.json">API (OpenAPI)</a></p>
 {% block body %}{% endblock %}
 </body></html>
 """
