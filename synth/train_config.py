@@ -40,7 +40,7 @@ _COMMON: dict[str, Any] = {
     "adam_betas": (0.9, 0.999),
     "ema_warmup": True,
     "cfg_dropout": 0.1,
-    "condition_attributes": (),
+    "condition_attributes": "auto",
     "noise_multiplicity": 1,
     "seed": 0,
     "device": "auto",
@@ -120,7 +120,8 @@ class TrainConfig(BaseModel):
     beta_schedule: BetaSchedule
     num_train_timesteps: int = Field(ge=10)
     cfg_dropout: float = Field(ge=0, lt=1)
-    condition_attributes: tuple[str, ...]
+    # "auto": every categorical attribute the dataset has (usable ones: no gaps, few values); () for labels only.
+    condition_attributes: tuple[str, ...] | Literal["auto"]
     noise_multiplicity: int = Field(ge=1)  # K (noise, timestep) draws per example and step
     # Run
     checkpoint_every: int | None = Field(ge=1)
@@ -155,7 +156,9 @@ class TrainConfig(BaseModel):
 
     @field_validator("condition_attributes")
     @classmethod
-    def _check_attributes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+    def _check_attributes(cls, value: tuple[str, ...] | str) -> tuple[str, ...] | str:
+        if value == "auto":
+            return value
         if len(set(value)) != len(value):
             raise ValueError(f"condition_attributes {list(value)} repeats a name")
         if any(not a.strip() for a in value):
@@ -190,6 +193,6 @@ def load_train_config(
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if preset is not None:
         data["preset"] = preset
-    if isinstance(data.get("condition_attributes"), str):
+    if isinstance(data.get("condition_attributes"), str) and data["condition_attributes"] != "auto":
         data["condition_attributes"] = [data["condition_attributes"]]
     return build(TrainConfig, data, source=config_file if config_file is not None else "train config")

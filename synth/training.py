@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.optim import Optimizer
@@ -127,8 +128,25 @@ class ImageConditionDataset(torch.utils.data.Dataset):
         return self.images[index].float().div_(127.5).sub_(1.0), self.conditions[index]
 
 
-def load_training_data(dataset_dir: Path, attributes: tuple[str, ...] = ()) -> TrainingData:
-    """Load the **train split** of a canonical dataset and encode each image's condition index."""
+def auto_attributes(meta: pd.DataFrame, candidates: list[str]) -> tuple[str, ...]:
+    """The dataset attributes worth conditioning on by default: no missing values, at most MAX_ATTRIBUTE_VALUES
+    distinct values, and a joint label × attribute space within MAX_CONDITIONS (attributes taken in order)."""
+    chosen: list[str] = []
+    combos = max(int(meta["label"].nunique()), 1)
+    for name in candidates:
+        if name not in meta.columns or meta[name].isna().any():
+            continue
+        distinct = int(meta[name].astype(str).nunique())
+        if 1 < distinct <= MAX_ATTRIBUTE_VALUES and combos * distinct <= MAX_CONDITIONS:
+            chosen.append(name)
+            combos *= distinct
+    return tuple(chosen)
+
+
+def load_training_data(dataset_dir: Path, attributes: tuple[str, ...] | str = ()) -> TrainingData:
+    """Load the **train split** of a canonical dataset and encode each image's condition index.
+
+    `attributes="auto"` conditions on the dataset's usable categorical attributes (`auto_attributes`)."""
     dataset_dir = Path(dataset_dir)
     ds = load_dataset(dataset_dir)
     images, meta = ds.split("train")
@@ -138,6 +156,8 @@ def load_training_data(dataset_dir: Path, attributes: tuple[str, ...] = ()) -> T
         raise InputError(where(dataset_dir, f"has no 'train' split to train on (splits: {splits})"))
     class_names = ds.class_names
     labels = meta["label"].to_numpy()
+    if attributes == "auto":
+        attributes = auto_attributes(meta, list(ds.header.get("attributes") or []))
     bad = sorted({int(v) for v in labels if not 0 <= v < len(class_names)})
     if bad:
         raise InputError(where(dataset_dir, f"train labels {bad[:5]} outside 0..{len(class_names) - 1}"))

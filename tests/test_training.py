@@ -558,3 +558,20 @@ def test_training_data_with_missing_attribute_values_is_refused(slice_with_sex: 
                         source={"name": "missing"})
     with pytest.raises(ConfigError, match="'sex' is missing for 1"):
         train(bad, tmp_path / "m", cfg(condition_attributes=["sex"]), progress=False)
+
+
+def test_attributes_condition_by_default_when_the_dataset_has_them(slice_with_sex: Path, tmp_path: Path) -> None:
+    """The default ("auto") conditions on every usable attribute; () trains on labels alone."""
+    out = train(slice_with_sex, tmp_path / "auto", cfg(max_steps=1), progress=False)
+    assert ConditionSpace.from_json(card(out)["conditions"]).attributes == (("sex", ("F", "M")),)
+    plain = train(slice_with_sex, tmp_path / "plain", cfg(max_steps=1, condition_attributes=[]), progress=False)
+    assert ConditionSpace.from_json(card(plain)["conditions"]).num_conditions == 2
+
+
+def test_auto_attributes_skip_unusable_columns() -> None:
+    from synth.training import auto_attributes
+
+    meta = pd.DataFrame({"label": [0, 1] * 50, "sex": ["F", "M"] * 50, "site": ["A"] * 100,
+                         "age": [str(i) for i in range(100)], "view": ["PA", None] * 50})
+    # constant, too many values, and gaps are all left out
+    assert auto_attributes(meta, ["sex", "site", "age", "view"]) == ("sex",)
