@@ -10,167 +10,33 @@ Chromium missing: skipped locally, a failure when $CI is set (CI installs the ap
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
-import json
-import os
-import shutil
-import signal
-import subprocess
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from reports.report import HTML, SECTION_IDS, render_report
+from tests.browser import PAGE_TIMEOUT_S, Browser, chromium_binary, keep_artifact, visit
 from tests.report_fixtures import build_report_inputs, verdict_for
 
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run")
-START_TIMEOUT_S = 60
-PAGE_TIMEOUT_S = 60
-
-
-def _chromium() -> str:
-    path = os.environ.get("SYNTHGATE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None and Path("/usr/bin/chromium").exists():
-        path = "/usr/bin/chromium"
-    if path is None:
-        message = "headless Chromium not found (Debian: apt-get install -y chromium chromium-driver)"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI must not skip the browser test")
-        pytest.skip(message)
-    return path
-
-
-class Browser:
-    """One headless Chromium process with a DevTools websocket; `load` opens a page and reports what happened."""
-
-    def __init__(self, binary: str, profile: Path) -> None:
-        self.proc = subprocess.Popen(
-            [binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        )
-        self.stderr: list[str] = []
-        self._ws_url: str | None = None
-        self._ready = threading.Event()
-        threading.Thread(target=self._drain, daemon=True).start()  # keeps the pipe from filling up
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr.append(line.rstrip())
-            if "DevTools listening on " in line and self._ws_url is None:
-                self._ws_url = line.split("DevTools listening on ", 1)[1].strip()
-                self._ready.set()
-        self._ready.set()
-
-    def ws_url(self) -> str:
-        self._ready.wait(START_TIMEOUT_S)
-        if self._ws_url is None:
-            tail = "\n".join(self.stderr[-20:])
-            raise RuntimeError(f"chromium did not open a DevTools port (exit {self.proc.poll()}):\n{tail}")
-        return self._ws_url
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the process group this test started
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-
-
-async def _visit(ws_url: str, pages: list[Path]) -> list[dict[str, Any]]:
-    from websockets.asyncio.client import connect
-
-    async with connect(ws_url, max_size=None, open_timeout=START_TIMEOUT_S) as ws:
-        counter = iter(range(1, 1_000_000))
-        events: list[dict[str, Any]] = []
-
-        async def call(method: str, params: dict[str, Any] | None = None, session: str | None = None) -> Any:
-            msg_id = next(counter)
-            msg: dict[str, Any] = {"id": msg_id, "method": method, "params": params or {}}
-            if session:
-                msg["sessionId"] = session
-            await ws.send(json.dumps(msg))
-            while True:
-                reply = json.loads(await ws.recv())
-                if reply.get("id") == msg_id:
-                    if "error" in reply:
-                        raise RuntimeError(f"{method}: {reply['error']}")
-                    return reply.get("result", {})
-                events.append(reply)
-
-        async def until(method: str, session: str) -> None:
-            if any(e.get("method") == method and e.get("sessionId") == session for e in events):
-                return
-            while True:
-                e = json.loads(await ws.recv())
-                events.append(e)
-                if e.get("method") == method and e.get("sessionId") == session:
-                    return
-
-        results = []
-        for page in pages:
-            target = (await call("Target.createTarget", {"url": "about:blank"}))["targetId"]
-            session = (await call("Target.attachToTarget", {"targetId": target, "flatten": True}))["sessionId"]
-            for domain in ("Page", "Runtime", "Log"):
-                await call(f"{domain}.enable", session=session)
-            await call("Page.navigate", {"url": page.resolve().as_uri()}, session=session)
-            await until("Page.loadEventFired", session)
-            probe = """JSON.stringify({
-                sections: [...document.querySelectorAll('section[id]')].map(s => s.id),
-                ids: [...document.querySelectorAll('[id]')].map(e => e.id),
-                images: document.images.length,
-                broken: [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length,
-                scripts: document.scripts.length,
-                title: document.title,
-                height: document.documentElement.scrollHeight,
-            })"""
-            value = (await call("Runtime.evaluate", {"expression": probe, "returnByValue": True},
-                                session=session))["result"]["value"]
-            dom = json.loads(value)
-            width = 1280
-            shot = await call("Page.captureScreenshot", {
-                "format": "png", "captureBeyondViewport": True,
-                "clip": {"x": 0, "y": 0, "width": width, "height": min(dom["height"], 16000), "scale": 1},
-            }, session=session)
-            mine = [e for e in events if e.get("sessionId") == session]
-            errors = [e["params"]["entry"]["text"] for e in mine
-                      if e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"]
-            errors += [" ".join(str(a.get("value", a.get("description", ""))) for a in e["params"]["args"])
-                       for e in mine if e.get("method") == "Runtime.consoleAPICalled"
-                       and e["params"]["type"] in ("error", "assert")]
-            errors += [e["params"]["exceptionDetails"].get("text", "exception") for e in mine
-                       if e.get("method") == "Runtime.exceptionThrown"]
-            results.append({"dom": dom, "errors": errors, "screenshot": base64.b64decode(shot["data"])})
-            await call("Target.closeTarget", {"targetId": target})
-        return results
+_PROBE = """JSON.stringify({
+    sections: [...document.querySelectorAll('section[id]')].map(s => s.id),
+    ids: [...document.querySelectorAll('[id]')].map(e => e.id),
+    images: document.images.length,
+    broken: [...document.images].filter(i => !i.complete || i.naturalWidth === 0).length,
+    scripts: document.scripts.length,
+    title: document.title,
+    height: document.documentElement.scrollHeight,
+})"""
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory):
-    b = Browser(_chromium(), tmp_path_factory.mktemp("chromium-profile"))
-    try:
+    with Browser(chromium_binary(), tmp_path_factory.mktemp("chromium-profile")) as b:
         yield b
-    finally:
-        b.close()
-
-
-def _keep(name: str, data: bytes, tmp_path: Path) -> Path:
-    path = tmp_path / name
-    path.write_bytes(data)
-    artifacts = os.environ.get("SYNTHGATE_TEST_ARTIFACTS")
-    if artifacts:
-        Path(artifacts).mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, Path(artifacts) / name)
-    return path
 
 
 def test_reports_render_in_chromium_without_console_errors(
@@ -193,7 +59,8 @@ def test_reports_render_in_chromium_without_console_errors(
     pages.append(control)
 
     t0 = time.monotonic()
-    results = asyncio.run(asyncio.wait_for(_visit(browser.ws_url(), pages), PAGE_TIMEOUT_S))
+    urls = [page.resolve().as_uri() for page in pages]
+    results = asyncio.run(asyncio.wait_for(visit(browser.ws_url(), urls, probe_js=_PROBE), PAGE_TIMEOUT_S))
     assert time.monotonic() - t0 < PAGE_TIMEOUT_S
 
     for name, result in zip(("steward", "public"), results[:2], strict=True):
@@ -207,7 +74,7 @@ def test_reports_render_in_chromium_without_console_errors(
         assert result["errors"] == [], (name, result["errors"])
         shot = np.asarray(Image.open(io.BytesIO(result["screenshot"])).convert("L"))
         assert shot.shape[1] == 1280 and shot.shape[0] > 2000 and shot.std() > 10  # a real, non-blank page
-        _keep(f"report-{name}.png", result["screenshot"], tmp_path)
+        keep_artifact(f"report-{name}.png", result["screenshot"], tmp_path)
 
     control_result = results[2]
     assert control_result["dom"]["title"] == "c"  # the script did not run
