@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # paths and commands stay copy-pasteable
 
 audit_app = typer.Typer(
     name="audit",

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # paths and commands stay copy-pasteable
 
 
 def _quiet_prefect() -> None:

@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # paths and commands stay copy-pasteable
 err_console = Console(stderr=True, highlight=False)
 
 PRIVACY_SUBDIR = "privacy"

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from synth.errors import ConfigError, InputError, where
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # paths and commands stay copy-pasteable
 
 _DP_ONLY = ("epsilon", "delta", "max_grad_norm", "accountant", "max_physical_batch_size")
 
