@@ -251,3 +251,37 @@ def test_planted_training_copies_block_the_release(released, tmp_path):
     unfiltered = gate(gate_inputs(audit, work / "audit-utility", work / "model", bad), Policy())
     assert {"max_flagged_fraction", "max_flagged_fraction_before_filter"} <= {
         c.rule for c in unfiltered.checks if not c.passed}
+
+
+def test_dp_release_carries_a_checked_epsilon(released):
+    """A DP run: the ledger's ε is recomputed independently, the gate enforces the policy's bound, and the
+    datasheet and provenance state ε and δ."""
+    from flows.policy import Policy
+    from flows.release import release
+    from flows.release_config import DPSettings
+
+    tmp, cfg, _ = released
+    dp_cfg = cfg.model_copy(update={
+        "workdir": tmp / "work-dp", "releases_dir": tmp / "releases-dp", "title": "DP slice",
+        "dp": DPSettings(enabled=True, epsilon=8.0),
+        "policy": Policy(require_dp=True, max_epsilon=10.0, max_delta=1e-2),
+    })
+    result = release(config=dp_cfg)
+    assert result.status == "published"
+    verdict = json.loads((tmp / "work-dp" / "verdict.json").read_text())
+    passed = {c["rule"] for c in verdict["checks"] if c["passed"]}
+    assert {"require_dp", "max_epsilon", "max_delta", "ledger_check"} <= passed
+    predicate = verify_bundle(result.bundle, load_public_key(tmp / "keys" / "release.pub")).predicate
+    eps = predicate["privacy"]["epsilon"]
+    assert 0 < eps <= 8.0 and predicate["privacy"]["delta"] < 1 / 96
+    datasheet = (result.bundle / "datasheet.md").read_text()
+    assert "differential privacy ledger" in datasheet and f"| ε spent | {eps:.3f}" in datasheet
+    audit = json.loads((tmp / "work-dp" / "audit-privacy" / "privacy.json").read_text())
+    assert audit["ledger_check"]["passed"] is True
+
+    # The same run against a stricter policy is blocked, with the reason, and nothing is published.
+    strict = dp_cfg.model_copy(update={"policy": Policy(require_dp=True, max_epsilon=1.0),
+                                       "releases_dir": tmp / "releases-dp-strict"})
+    with pytest.raises(Exception, match=r"blocked by the gate: ε [0-9.]+ > 1"):
+        release(config=strict)
+    assert not (tmp / "releases-dp-strict").exists()
