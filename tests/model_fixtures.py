@@ -69,19 +69,6 @@ def make_model_dir(
     )
 
 
-def find_data_dir() -> Path | None:
-    """Where pneumoniamnist.npz lives: $SYNTHGATE_DATA_DIR, else the shared checkout's data folder (None if absent).
-
-    The lead's conftest `data_dir` fixture is function-scoped or absent; the session-scoped trained-model fixture
-    needs the path without it."""
-    import os
-
-    for candidate in (os.environ.get("SYNTHGATE_DATA_DIR"), Path(__file__).resolve().parents[2] / "shared" / "data"):
-        if candidate and (Path(candidate) / "pneumoniamnist.npz").is_file():
-            return Path(candidate)
-    return None
-
-
 def real_train_images(data_dir: Path, n: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """PneumoniaMNIST train images (uint8 N×28×28) and labels; a fixed random subset of `n` when given."""
     d = np.load(Path(data_dir) / "pneumoniamnist.npz")

@@ -17,7 +17,7 @@ from synth.sampling import (
     intensity_stats,
     resolve_sampler,
 )
-from tests.model_fixtures import find_data_dir, make_model_dir, real_train_images, train_briefly
+from tests.model_fixtures import make_model_dir, real_train_images, train_briefly
 
 torch.set_num_threads(1)
 
@@ -118,14 +118,11 @@ TRAIN_STEPS = 300
 
 
 @pytest.fixture(scope="session")
-def trained_model(tmp_path_factory):
+def trained_model(tmp_path_factory, data_dir):
     """A tiny UNet trained for TRAIN_STEPS steps on 1024 real PneumoniaMNIST train images (~40 s on one core).
 
     Briefly trained is the point: it is the regime where a sampler's numerics decide whether samples look like the
     data (DPM-Solver++ without x0 thresholding drifts into saturated noise), as for CPU-budget models."""
-    data_dir = find_data_dir()
-    if data_dir is None:
-        pytest.skip("pneumoniamnist.npz not found (set SYNTHGATE_DATA_DIR)")
     images, labels = real_train_images(data_dir, n=1024, seed=0)
     unet, ema = train_briefly(images, labels, steps=TRAIN_STEPS, batch_size=32, seed=0)
     root = tmp_path_factory.mktemp("trained") / "model"
