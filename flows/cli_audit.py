@@ -39,7 +39,8 @@ def privacy_cmd(
                                                                     "images is flagged.")] = None,
     k: Annotated[int, typer.Option("--k", help="Minimum synthetic records per combination of released "
                                                 "attributes.")] = 5,
-    index: Annotated[str, typer.Option(help="exact | ivf | hnsw (nearest-neighbour index)")] = "exact",
+    index: Annotated[str, typer.Option(help="auto (exact up to 250k training images, IVF beyond) | exact | ivf | hnsw")]
+    = "auto",
     membership: Annotated[bool, typer.Option(help="Run membership inference on --model (loss and PIA attacks).")]
     = True,
     membership_n: Annotated[int, typer.Option(help="Members (and as many non-members) the attacks use.")] = 256,

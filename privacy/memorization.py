@@ -66,13 +66,22 @@ class SearchConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    index: Literal["exact", "ivf", "hnsw"] = "exact"
+    # "auto": exact up to `exact_max` training vectors (where exact search still takes seconds: see
+    # benchmarks/README.md), IVF beyond; the choice and its parameters are recorded with the recall measured.
+    index: Literal["auto", "exact", "ivf", "hnsw"] = "auto"
+    exact_max: int = Field(250_000, ge=1)
     nlist: int | None = Field(None, ge=1)  # IVF lists; None: 4·sqrt(N), at least 39 training points per list
     nprobe: int = Field(16, ge=1)
     hnsw_m: int = Field(32, ge=4)
     ef_search: int = Field(128, ge=1)
     ef_construction: int = Field(80, ge=1)
     recall_sample: int = Field(1000, ge=1)  # synthetic queries searched exactly too, to measure recall@1
+
+    def kind_for(self, n: int) -> str:
+        """The index kind used for `n` training vectors."""
+        if self.index != "auto":
+            return self.index
+        return "exact" if n <= self.exact_max else "ivf"
     seed: int = 0
 
 
@@ -202,10 +211,11 @@ def build_index(base: np.ndarray, search: SearchConfig) -> tuple[Any, dict[str, 
 
     base = check_embeddings(base, what="training embeddings")
     n, d = base.shape
-    info: dict[str, Any] = {"index": search.index}
-    if search.index == "exact":
+    kind = search.kind_for(n)
+    info: dict[str, Any] = {"index": kind, "chosen_by": "size" if search.index == "auto" else "config"}
+    if kind == "exact":
         index = faiss.IndexFlatIP(d)
-    elif search.index == "ivf":
+    elif kind == "ivf":
         nlist = search.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
         if nlist > n:
             raise ConfigError(f"IVF nlist {nlist} exceeds the {n} training vectors")
@@ -299,7 +309,7 @@ def space_distances(
     s_dist, s_idx = search_views(index, s_views, k)
     h_dist, h_idx = search_views(index, h_views, k)
     info["seconds"] = round(time.perf_counter() - t0, 3)
-    if search.index != "exact":
+    if info["index"] != "exact":
         rng = np.random.default_rng(search.seed)
         n = len(s_views[0])
         sample = np.sort(rng.choice(n, size=min(search.recall_sample, n), replace=False))

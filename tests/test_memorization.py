@@ -295,3 +295,18 @@ def test_bad_inputs_are_refused(real):
         space_distances("pixel", t, h, t[:, :10][:10], search=SearchConfig())
     with pytest.raises(Exception, match="learned space needs"):
         check_memorization(train, val, syn, config=MemorizationConfig(spaces=("learned",)))
+
+
+def test_index_is_chosen_by_training_set_size_and_recorded():
+    from privacy.memorization import SearchConfig, build_index
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(2000, 16)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    small = SearchConfig(exact_max=5000)
+    assert small.kind_for(2000) == "exact" and small.kind_for(5001) == "ivf"
+    _, info = build_index(base, small)
+    assert info["index"] == "exact" and info["chosen_by"] == "size"
+    index, info = build_index(base, SearchConfig(exact_max=1000))
+    assert info["index"] == "ivf" and info["nlist"] >= 1 and index.ntotal == 2000
+    assert build_index(base, SearchConfig(index="hnsw"))[1]["chosen_by"] == "config"
