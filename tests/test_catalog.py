@@ -98,16 +98,24 @@ def _bundle(root, private, release_id, *, epsilon=None, png_bytes=20_000):
     return root
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    base = tmp_path_factory.mktemp("catalog")
+def publish_releases(base, specs):
+    """A fresh key pair under `base/keys` and one signed release per (id, ε, PNG bytes), published to
+    `base/releases`. Returns (releases dir, public key, public key path)."""
     private_path, public_path = generate_keys(base / "keys")
     private, public = load_private_key(private_path), load_public_key(public_path)
     releases = base / "releases"
-    for rid, eps, size in [("r-1", 8.0, 20_000), ("r-2", None, 20_000), ("r-big", None, 3_000_000),
-                           ("r-tamper", None, 20_000), ("r-tamper-2", None, 20_000)]:
+    for rid, eps, size in specs:
         publish(_bundle(base / "work" / rid, private, rid, epsilon=eps, png_bytes=size), releases, public,
                 release_id=rid)
+    return releases, public, public_path
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("catalog")
+    releases, public, public_path = publish_releases(base, [
+        ("r-1", 8.0, 20_000), ("r-2", None, 20_000), ("r-big", None, 3_000_000),
+        ("r-tamper", None, 20_000), ("r-tamper-2", None, 20_000)])
     os.symlink(releases / "r-1", releases / "r-link")  # a symlinked release dir must not be served
     app = create_app(releases, [public])
     with serve(app) as url:

@@ -21,10 +21,9 @@ import pytest
 from PIL import Image
 
 from flows.catalog.app import create_app
-from flows.keys import fingerprint, generate_keys, load_private_key, load_public_key
-from flows.publish import publish
+from flows.keys import fingerprint
 from tests.browser import PAGE_TIMEOUT_S, WIDTH, Browser, chromium_binary, keep_artifact, visit
-from tests.test_catalog import _bundle, serve
+from tests.test_catalog import publish_releases, serve
 
 RELEASES = ("r-1", "r-2")
 
@@ -33,12 +32,8 @@ RELEASES = ("r-1", "r-2")
 def catalog(tmp_path_factory: pytest.TempPathFactory):
     """Two small signed releases served on loopback."""
     base = tmp_path_factory.mktemp("catalog-browser")
-    private_path, public_path = generate_keys(base / "keys")
-    private, public = load_private_key(private_path), load_public_key(public_path)
-    releases = base / "releases"
-    for rid, eps in zip(RELEASES, (8.0, None), strict=True):
-        publish(_bundle(base / "work" / rid, private, rid, epsilon=eps, png_bytes=2_000), releases, public,
-                release_id=rid)
+    releases, public, _ = publish_releases(base, [(rid, eps, 2_000) for rid, eps in zip(RELEASES, (8.0, None),
+                                                                                         strict=True)])
     with serve(create_app(releases, [public])) as url:
         yield {"url": url, "fp": fingerprint(public)}
 

@@ -27,9 +27,7 @@ from schemathesis import GenerationMode
 
 from flows.catalog.app import create_app
 from flows.catalog.store import now
-from flows.keys import generate_keys, load_private_key, load_public_key
-from flows.publish import publish
-from tests.test_catalog import _bundle, serve
+from tests.test_catalog import publish_releases, serve
 
 RELEASES = ("r-1", "r-2")
 MAX_EXAMPLES = 50  # per operation and generation mode
@@ -40,12 +38,8 @@ TOKEN_ROUTES = ("/api/releases/{release_id}/accept", "/api/releases/{release_id}
 def catalog(tmp_path_factory: pytest.TempPathFactory):
     """Two small signed releases served on loopback, and a valid token for them."""
     base = tmp_path_factory.mktemp("catalog-schema")
-    private_path, public_path = generate_keys(base / "keys")
-    private, public = load_private_key(private_path), load_public_key(public_path)
-    releases = base / "releases"
-    for rid, eps in zip(RELEASES, (8.0, None), strict=True):
-        publish(_bundle(base / "work" / rid, private, rid, epsilon=eps, png_bytes=2_000), releases, public,
-                release_id=rid)
+    releases, public, _ = publish_releases(base, [(rid, eps, 2_000) for rid, eps in zip(RELEASES, (8.0, None),
+                                                                                         strict=True)])
     # The refusal throttle would turn every later token-gated case into 429 once the negative cases (bad or missing
     # headers) have been refused enough; 429 is documented, but it would hide the routes' real answers.
     app = create_app(releases, [public], max_refusals_per_minute=1_000_000)
