@@ -1,4 +1,5 @@
-"""`synthgate train`: train the class-conditional DDPM (optionally with DP-SGD) on a canonical dataset."""
+"""`synthgate train`: train the class-conditional DDPM (optionally with DP-SGD) on a canonical dataset, in this
+process or (`--nproc N`) in N processes started with torchrun (`synth.distributed`)."""
 
 from __future__ import annotations
 
@@ -48,9 +49,19 @@ def train_cmd(
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Checkpoint folder (default: MODEL.ckpt).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    nproc: Annotated[
+        int, typer.Option("--nproc", help="Training processes on this machine (torchrun; DDP, or Opacus' distributed "
+                                          "DP-SGD with --dp). Same global batch, steps and ε as one process.")
+    ] = 1,
+    backend: Annotated[str, typer.Option(help="With --nproc > 1: auto (nccl with a GPU per process, else gloo) | "
+                                              "gloo | nccl.")] = "auto",
 ) -> int:
     """Train the class-conditional diffusion model and write a model directory (weights, EMA weights, scheduler,
     model card, and the privacy ledger with --dp). Ctrl-C saves a checkpoint; rerun with --resume."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc} must be >= 1")
+    if nproc == 1 and backend != "auto":
+        raise ConfigError(f"--backend {backend} only applies with --nproc > 1")
     dp_values = {
         "epsilon": epsilon, "delta": delta, "max_grad_norm": max_grad_norm, "accountant": accountant,
         "max_physical_batch_size": max_physical_batch_size,
@@ -78,10 +89,18 @@ def train_cmd(
             accountant=accountant, max_physical_batch_size=max_physical_batch_size,
         )
 
-    from synth.training import train
+    if nproc > 1:
+        from synth.distributed import launch_training
 
-    path = train(dataset, out, train_config, privacy=strategy, progress=progress, resume=resume,
-                 checkpoint_dir=checkpoint_dir)
+        # Each worker builds its own strategy from the config (the one built here has checked it early).
+        path = launch_training(dataset, out, train_config, nproc=nproc, backend=backend,
+                               dp=strategy.config.to_dict() if strategy is not None else None,
+                               resume=resume, checkpoint_dir=checkpoint_dir, progress=progress)
+    else:
+        from synth.training import train
+
+        path = train(dataset, out, train_config, privacy=strategy, progress=progress, resume=resume,
+                     checkpoint_dir=checkpoint_dir)
 
     from synth.artifacts import read_header
 

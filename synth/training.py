@@ -8,6 +8,14 @@ strategy (DP-SGD, built by `privacy.dp`) plugs in through `PrivacyStrategy`; syn
 Reproducibility: one seed derives the UNet init, the data order and the noise/timestep stream (their own
 `torch.Generator`s), and the global RNGs. A checkpoint holds every RNG state plus the position in the epoch, so a
 resumed run ends with the same weights as an uninterrupted one.
+
+Several processes (`torch.distributed` initialised, e.g. by torchrun through `synth.distributed`): every rank
+draws the SAME global batch and the same per-row noise/timesteps as a single-process run (same generators, same
+seeds) and computes only its contiguous slice of the batch's examples, so batch size, LR, steps and epochs mean what
+they mean in one process, and with one process nothing changes. Without DP the UNet is wrapped in DDP and the loss
+is scaled so that DDP's gradient average is the global batch mean; with DP the strategy sets up the distributed
+DP-SGD (`PrivacyStrategy.attach`). Rank 0 alone updates the EMA and writes checkpoints and the model directory;
+the per-step loss, the signal-triggered stop and the clock are agreed over all ranks after every optimizer step.
 """
 
 from __future__ import annotations
@@ -70,6 +78,10 @@ class PrivacyStrategy(Protocol):
     `unwrap(model)` gives the plain UNet (for EMA and saving); `state_dict`/`load_state_dict` carry the
     accountant history through checkpoints (plain types and tensors only); `ledger()` is written as
     `privacy_ledger.json` and must hold at least `delta`, `accountant`, `max_grad_norm` and `steps`.
+
+    In a process group of W > 1 ranks each rank has its own strategy: `attach` must return a loader that yields
+    the same global batches on every rank and an optimizer that combines the ranks' gradients; the trainer then
+    computes the rank's slice of each batch, so B above is the slice's size (possibly 0 while the batch is not).
     """
 
     noise_multiplicity: int
@@ -240,20 +252,33 @@ def per_row_loss(
     noise_multiplicity: int = 1,
     cfg_dropout: float = 0.0,
     amp: contextlib.AbstractContextManager[Any] | None = None,
+    part: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Epsilon-prediction MSE of each of the B·K rows (example i owns rows i·K … i·K+K-1), fp32, shape (B·K,).
 
-    Timesteps, noise and condition dropout come from `generator` (on the images' device), in that order.
+    Timesteps, noise and condition dropout come from `generator` (on the images' device), in that order, always
+    drawn for the whole batch. `part=(lo, hi)` then runs the model on examples lo … hi-1 only and returns their
+    (hi-lo)·K rows: a rank of a multi-process run computes its slice with exactly the draws a single process would
+    give those rows, and leaves the generator where every other rank leaves it (an empty slice skips the model).
     """
     k = int(noise_multiplicity)
-    x0 = images.repeat_interleave(k, dim=0) if k > 1 else images
+    b = int(images.shape[0])
+    lo, hi = part if part is not None else (0, b)
+    if not 0 <= lo <= hi <= b:
+        raise ValueError(f"part {part} is not a slice of a batch of {b}")
     cond = conditions.repeat_interleave(k, dim=0) if k > 1 else conditions
-    rows, device = x0.shape[0], x0.device
+    rows, device = b * k, images.device
     t = torch.randint(0, scheduler.config.num_train_timesteps, (rows,), generator=generator, device=device)
-    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    noise = torch.randn((rows, *images.shape[1:]), generator=generator, device=device, dtype=images.dtype)
     if cfg_dropout > 0:
         drop = torch.rand(rows, generator=generator, device=device) < cfg_dropout
         cond = torch.where(drop, torch.full_like(cond, null_condition), cond)
+    if part is not None:
+        images = images[lo:hi]
+        t, noise, cond = t[lo * k : hi * k], noise[lo * k : hi * k], cond[lo * k : hi * k]
+        if hi == lo:
+            return torch.zeros(0, device=device)
+    x0 = images.repeat_interleave(k, dim=0) if k > 1 else images
     noisy = scheduler.add_noise(x0, noise, t)
     with amp if amp is not None else contextlib.nullcontext():
         pred = unet(noisy, t, class_labels=cond).sample
@@ -277,6 +302,61 @@ def derive_seeds(seed: int) -> dict[str, int]:
     children = np.random.SeedSequence(seed).spawn(3)
     init, data, noise = (int(c.generate_state(1, dtype=np.uint64)[0] >> 1) for c in children)
     return {"seed": seed, "init": init, "data_order": data, "noise": noise}
+
+
+# -- several processes ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a `torch.distributed` process group (rank 0 of 1 when there is none)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def part(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous slice [lo, hi) of n examples (sizes differ by at most one across ranks)."""
+        return n * self.rank // self.size, n * (self.rank + 1) // self.size
+
+
+def current_world() -> World:
+    """The initialised default process group's rank and size, or a single process."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return World(rank=dist.get_rank(), size=dist.get_world_size())
+    return World()
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    # Ranks > 0 only draw from the global RNG for dropout (DP noise is added on rank 0): give each its own stream.
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _agree(
+    world: World, device: torch.device, loss_sum: float, rows: int, elapsed_s: float, received: int | None
+) -> tuple[float, int, float, int | None]:
+    """One all-reduce after each optimizer step: the global loss sum and row count, rank 0's clock, and whether
+    any rank was asked to stop (SIGTERM wins over SIGINT), so every rank takes the same stopping decision."""
+    flags = [float(received == signal.SIGTERM), float(received == signal.SIGINT)]
+    where_ = device if device.type == "cuda" else torch.device("cpu")  # NCCL reduces CUDA tensors only
+    t = torch.tensor([loss_sum, rows, elapsed_s if world.main else 0.0, *flags], dtype=torch.float64, device=where_)
+    torch.distributed.all_reduce(t)
+    loss_sum, rows, elapsed_s, term, intr = t.tolist()
+    got = signal.SIGTERM if term else signal.SIGINT if intr else None
+    return loss_sum, int(rows), elapsed_s, got
+
+
+def _barrier(world: World) -> None:
+    if world.distributed:
+        torch.distributed.barrier()
 
 
 # -- the training loop ---------------------------------------------------------------------------------------
@@ -359,8 +439,13 @@ def train(
     SIGTERM stop at the next step boundary, save, and re-raise KeyboardInterrupt / SystemExit(143)); with
     `resume`, training continues from that checkpoint (or starts fresh when there is none). The checkpoint
     directory is removed once the model is written. `on_step(step, loss)` is called after every real step.
+
+    Inside an initialised `torch.distributed` process group every rank calls this with the same arguments (and a
+    privacy strategy of its own); see the module docstring. Rank 0 writes `out`; the others return `out` once it
+    has been written.
     """
     dataset_dir, out = Path(dataset_dir), Path(out)
+    world = current_world()
     _check_out(out)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
     if has_checkpoint(ckpt_dir) and not resume:
@@ -387,8 +472,15 @@ def train(
         raise InputError(
             where(dataset_dir, f"train split has {len(data)} images, fewer than batch_size {config.batch_size}")
         )
+    if world.size > config.batch_size:
+        raise ConfigError(
+            where("train config", f"batch_size {config.batch_size} is smaller than the {world.size} processes; "
+                                  "each process needs examples of its own")
+        )
     model_cfg = model_config_for(data, config.preset, where_=dataset_dir)
     device = resolve_device(config.device)
+    if world.distributed and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # the launcher picked this rank's GPU
     seeds = derive_seeds(config.seed)
 
     # Global RNGs: dropout (base preset) and Opacus' noise draw from torch's; seed them all for a fresh run.
@@ -397,6 +489,8 @@ def train(
     import random
 
     random.seed(config.seed)
+    if not world.main:
+        torch.manual_seed(_rank_seed(config.seed, world.rank, 0))
 
     from diffusers import UNet2DModel
     from diffusers.training_utils import EMAModel
@@ -427,6 +521,10 @@ def train(
     batches_per_epoch = len(loader)
     planned = _planned_steps(config, batches_per_epoch)
     model: nn.Module = unet
+    if privacy is None and world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
     if privacy is not None:
         if config.max_steps is not None:
             model, optimizer, loader = privacy.attach(unet, optimizer, loader, epochs=None, steps=planned)
@@ -457,8 +555,10 @@ def train(
         )
         state.epoch_rng = restore_rng(ckpt["rng"], noise_gen)
         loader_gen.set_state(ckpt["rng"]["loader_now"])
+        if not world.main:  # the checkpoint holds rank 0's global RNG states
+            torch.manual_seed(_rank_seed(config.seed, world.rank, state.step))
         resumed_from = state.step
-    elif resume and progress:
+    elif resume and progress and world.main:
         print(f"no checkpoint in {ckpt_dir}; starting from step 0", file=sys.stderr)
 
     def _privacy_state() -> dict | None:
@@ -467,6 +567,8 @@ def train(
         return pending_privacy_state if pending_privacy_state is not None else privacy.state_dict()
 
     def checkpoint() -> None:
+        if not world.main:
+            return
         rng = capture_rng(state.epoch_rng if state.epoch_rng is not None else loader_gen.get_state(), noise_gen)
         rng["loader_now"] = loader_gen.get_state()
         save_checkpoint(
@@ -489,7 +591,8 @@ def train(
             },
         )
 
-    bar = _progress_bar(progress, total=planned, initial=state.step, private=privacy is not None)
+    bar = _progress_bar(progress and world.main, total=planned, initial=state.step, private=privacy is not None)
+    say = (lambda message: _say(bar, message)) if world.main else (lambda message: None)
     amp = autocast(device)
     signals = _Signals()
     stop_reason: str | None = None
@@ -518,19 +621,25 @@ def train(
                 for images, conditions in batches:
                     consistent = False
                     state.batch_in_epoch += 1
-                    b = int(images.shape[0])
+                    b = int(images.shape[0])  # the global batch: every rank holds all of it
+                    lo, hi = world.part(b)
                     if b > 0:
                         rows = per_row_loss(
                             model, scheduler, images.to(device, non_blocking=True),
                             conditions.to(device, non_blocking=True), null_condition=model_cfg.null_condition,
                             generator=noise_gen, noise_multiplicity=config.noise_multiplicity,
-                            cfg_dropout=config.cfg_dropout, amp=amp,
+                            cfg_dropout=config.cfg_dropout, amp=amp, part=(lo, hi) if world.distributed else None,
                         )
-                        rows.mean().backward()
+                        if rows.shape[0] and privacy is None and world.distributed:
+                            # DDP averages the ranks' gradients; slices may differ by one example, so each rank
+                            # backpropagates its share of the global mean, times the world size.
+                            (rows.sum() * (world.size / (b * config.noise_multiplicity))).backward()
+                        elif rows.shape[0]:
+                            rows.mean().backward()  # DP: Opacus recovers per-row gradients from the local mean
                         pending_loss += float(rows.detach().sum())
                         pending_rows += rows.shape[0]
                     if privacy is not None:
-                        privacy.after_backward(model, b)
+                        privacy.after_backward(model, hi - lo)
                     elif config.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
                     for group in optimizer.param_groups:
@@ -542,11 +651,17 @@ def train(
                         continue
 
                     state.step += 1
-                    ema.step(raw.parameters())
+                    if world.main:
+                        ema.step(raw.parameters())
+                    state.elapsed_s = time.monotonic() - started
+                    agreed: int | None = None
+                    if world.distributed:
+                        pending_loss, pending_rows, state.elapsed_s, agreed = _agree(
+                            world, device, pending_loss, pending_rows, state.elapsed_s, signals.received
+                        )
                     loss = pending_loss / pending_rows if pending_rows else float("nan")
                     state.losses.append(loss)
                     pending_loss, pending_rows = 0.0, 0
-                    state.elapsed_s = time.monotonic() - started
                     consistent = True
 
                     if privacy is not None and bar is not None and time.monotonic() - last_eps_time > EPSILON_EVERY_S:
@@ -554,10 +669,14 @@ def train(
                     _update_bar(bar, state, eps)
                     if on_step is not None:
                         on_step(state.step, loss)
-                    if signals.received is not None:
+                    # In a process group the ranks stop together: on any rank's signal, as agreed above.
+                    received = agreed if world.distributed else signals.received
+                    if received is not None:
+                        signals.received = received
                         checkpoint()
                         last_saved = state.step
-                        _say(bar, f"interrupted: checkpoint at step {state.step} in {ckpt_dir}; rerun with --resume")
+                        _barrier(world)  # keep every rank alive until rank 0's checkpoint is on disk
+                        say(f"interrupted: checkpoint at step {state.step} in {ckpt_dir}; rerun with --resume")
                         raise signals.stop()
                     stop_reason = _limit_reached(config, state, epoch_end=False)
                     if stop_reason is not None:
@@ -571,9 +690,9 @@ def train(
     except (KeyboardInterrupt, SystemExit):
         if consistent and state.step != last_saved:
             checkpoint()
-            _say(bar, f"interrupted: checkpoint at step {state.step} in {ckpt_dir}; rerun with --resume")
-        elif last_saved >= 0:
-            _say(bar, f"interrupted mid-step: the checkpoint in {ckpt_dir} is from step {last_saved}")
+            say(f"interrupted: checkpoint at step {state.step} in {ckpt_dir}; rerun with --resume")
+        elif last_saved >= 0 and not (consistent and state.step == last_saved):  # else: just said where it went
+            say(f"interrupted mid-step: the checkpoint in {ckpt_dir} is from step {last_saved}")
         raise
     finally:
         if bar is not None:
@@ -584,6 +703,9 @@ def train(
         pending_privacy_state = None
     if state.step == 0:
         raise ConfigError(where(dataset_dir, "training stopped before the first optimizer step"))
+    if not world.main:
+        _barrier(world)  # returns once rank 0 has written the model (a failure there ends this process group)
+        return out
     # The reported loss: mean over the last window of non-empty steps (one batch's loss is too noisy to quote).
     finite = [x for x in state.losses if not math.isnan(x)]
     final_loss = float(np.mean(finite[-LOSS_WINDOW:])) if finite else float("nan")
@@ -633,6 +755,8 @@ def train(
                 "ema": {"decay": config.ema_decay, "warmup": config.ema_warmup, "power": config.ema_power,
                         "updates": ema.optimization_step},
                 "torch_version": torch.__version__,
+                **({"distributed": {"world_size": world.size, "backend": torch.distributed.get_backend()}}
+                   if world.distributed else {}),
             },
         )
     except BaseException:
@@ -641,6 +765,7 @@ def train(
             checkpoint()
         raise
     shutil.rmtree(ckpt_dir, ignore_errors=True)
+    _barrier(world)
     return out
 
 
