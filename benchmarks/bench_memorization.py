@@ -129,13 +129,19 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         t0 = time.perf_counter()
         result = check_memorization(train, holdout, synthetic, encoder=encoder, config=config)
         total = time.perf_counter() - t0
-        per = result.summary["per_space"]
+        timings = result.summary["timings"]
+
+        def seconds(space: str, key: str, timings=timings) -> float:
+            # The reference (train + holdout) part plus every synthetic shard's part.
+            parts = [timings["reference"].get(space, {}), *(s.get(space, {}) for s in timings["shards"])]
+            return sum(float(p.get(key, 0.0)) for p in parts)
+
         rows.append({
             "n": n, "total": total,
-            "pixel_embed": per["pixel"]["search"]["embed_seconds"], "pixel_search": per["pixel"]["search"]["seconds"],
-            "learned_embed": per["learned"]["search"]["embed_seconds"],
-            "learned_search": per["learned"]["search"]["seconds"],
-            "registered": per["registered"]["search"]["seconds"],
+            "pixel_embed": seconds("pixel", "embed_seconds"), "pixel_search": seconds("pixel", "search_seconds"),
+            "learned_embed": seconds("learned", "embed_seconds"),
+            "learned_search": seconds("learned", "search_seconds"),
+            "registered": seconds("registered", "seconds"),
             "flagged": result.summary["flagged_fraction"],
         })
         if n == main_n:

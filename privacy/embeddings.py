@@ -39,6 +39,7 @@ PIXEL = "pixel"
 LEARNED = "learned"
 # Below this norm a (zero-mean) image is constant: it has no pattern to compare, so it maps to the zero vector.
 _EPS = 1e-8
+_CHECK_CHUNK = 65_536
 
 
 class AugmentConfig(BaseModel):
@@ -426,7 +427,12 @@ def check_embeddings(x: np.ndarray, *, what: str) -> np.ndarray:
         raise InputError(f"{what}: embeddings must be a 2-D (N, d) array, got shape {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
         raise InputError(f"{what}: embeddings must be floats, got dtype {x.dtype}")
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        raise InputError(f"{what}: {int(bad.sum())} embedding rows hold NaN/inf (first at row {int(np.argmax(bad))})")
+    bad_rows, first = 0, -1
+    for lo in range(0, len(x), _CHECK_CHUNK):  # chunked: a 1M×784 matrix gets no full-size boolean temporary
+        bad = ~np.isfinite(x[lo : lo + _CHECK_CHUNK]).all(axis=1)
+        if bad.any():
+            bad_rows += int(bad.sum())
+            first = lo + int(np.argmax(bad)) if first < 0 else first
+    if bad_rows:
+        raise InputError(f"{what}: {bad_rows} embedding rows hold NaN/inf (first at row {first})")
     return np.ascontiguousarray(x, dtype=np.float32)

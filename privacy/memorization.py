@@ -32,6 +32,21 @@ is the (r+1)-th smallest null distance (r <= m) and flagging is strict (`d < thr
 fall below it, ties included, and an unseen exchangeable image falls below it with probability (r+1)/(n+1) <= q.
 With q·(n+1) < 2 the threshold is the smallest null distance and the rate is 1/(n+1) (recorded as
 `quantile_below_resolution` when even that exceeds q).
+
+Shardable work. The check is three steps with one code path whether it runs in one process or over many:
+
+1. `prepare_reference(train, holdout)`: embed the training and holdout images, search holdout → train (the null,
+   registered space included), calibrate the thresholds; build approximate indexes once (so every shard searches
+   the same one).
+2. `search_shard(reference, synthetic_images, shard_index=i, shard_count=S)`: only shard i's synthetic rows, a
+   contiguous range of whole blocks of `block_size` rows. Every per-row computation (embedding, faiss search,
+   registration, exact search for the recall sample) runs on one block at a time, anchored at global row indices
+   and padded to the block size, so a row's results are bit-identical whatever the shard (conv nets and BLAS give
+   last-bit differences when a batch's shape changes; faiss takes a non-BLAS path below 20 queries).
+3. `merge_shards(reference, synthetic, shards)`: the per-image table, the null table, the summary (timings apart,
+   under "timings"), closest pairs and histograms, identical for any shard count.
+
+`check_memorization` runs the three in memory; `privacy.audit` writes them as artifacts.
 """
 
 from __future__ import annotations
@@ -48,6 +63,26 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from privacy.embeddings import LEARNED, PIXEL, EmbeddingSpace, PixelSpace, check_embeddings
+from privacy.search import RECALL_TOLERANCE as RECALL_TOLERANCE
+from privacy.search import (
+    SearchConfig,
+    base_ranges,
+    build_index,
+    check_dimension,
+    combine_views,
+    cpu_index,
+    exact_nearest,
+    map_blocks,
+    merge_topk,
+    place_index,
+    recall_at_1,
+    recall_rows,
+    search_base_shard,
+    search_views,
+    to_distance,
+    use_gpu,
+)
+from privacy.search import brute_force_nearest as brute_force_nearest
 from synth.errors import ConfigError, InputError, where
 
 REGISTERED = "registered"
@@ -55,34 +90,6 @@ SPACES: tuple[str, ...] = (PIXEL, LEARNED, REGISTERED)
 FAISS_SPACES: tuple[str, ...] = (PIXEL, LEARNED)
 SpaceName = Literal["pixel", "learned", "registered"]
 DCR_QUANTILES = (0.01, 0.05, 0.1, 0.5)
-# Recall@1 of an approximate index counts a query as found when its distance is within this of the exact one
-# (ties between equidistant training images are not misses).
-RECALL_TOLERANCE = 1e-4
-
-
-class SearchConfig(BaseModel):
-    """The faiss index searched for nearest training images. Exact (`IndexFlatIP`) by default: at MedMNIST scale it
-    is fast and never misses; IVF/HNSW for very large training sets, with recall@1 measured against exact."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    # "auto": exact up to `exact_max` training vectors (where exact search still takes seconds: see
-    # benchmarks/README.md), IVF beyond; the choice and its parameters are recorded with the recall measured.
-    index: Literal["auto", "exact", "ivf", "hnsw"] = "auto"
-    exact_max: int = Field(250_000, ge=1)
-    nlist: int | None = Field(None, ge=1)  # IVF lists; None: 4·sqrt(N), at least 39 training points per list
-    nprobe: int = Field(16, ge=1)
-    hnsw_m: int = Field(32, ge=4)
-    ef_search: int = Field(128, ge=1)
-    ef_construction: int = Field(80, ge=1)
-    recall_sample: int = Field(1000, ge=1)  # synthetic queries searched exactly too, to measure recall@1
-
-    def kind_for(self, n: int) -> str:
-        """The index kind used for `n` training vectors."""
-        if self.index != "auto":
-            return self.index
-        return "exact" if n <= self.exact_max else "ivf"
-    seed: int = 0
 
 
 class RegistrationConfig(BaseModel):
@@ -120,6 +127,10 @@ class MemorizationConfig(BaseModel):
     flip_queries: bool = True  # learned space: also query each image's mirror image
     top_k: int = Field(20, ge=1)
     histogram_bins: int = Field(40, ge=2)
+    # Synthetic rows are embedded, searched and registered in blocks of this many rows (anchored at global row
+    # indices, the last one padded): a shard is whole blocks, so results never depend on the sharding. A set
+    # smaller than a block is one block of its own size.
+    block_size: int = Field(1024, ge=1)
     search: SearchConfig = SearchConfig()
     registration: RegistrationConfig = RegistrationConfig()
 
@@ -131,6 +142,11 @@ class MemorizationConfig(BaseModel):
         if REGISTERED in v and not set(v) & set(FAISS_SPACES):
             raise ValueError("the registered space verifies candidates from 'pixel' or 'learned': add one of them")
         return tuple(s for s in SPACES if s in v)  # canonical order
+
+    @property
+    def candidates(self) -> int:
+        """Nearest training rows kept per query view and faiss space (registration candidates, or just 1)."""
+        return self.registration.candidates if REGISTERED in self.spaces else 1
 
 
 @dataclass(frozen=True)
@@ -197,88 +213,7 @@ class MemorizationResult:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Search
-
-
-def to_distance(similarity: np.ndarray) -> np.ndarray:
-    """Inner product of unit vectors → Euclidean distance `sqrt(2 − 2·s)` (float32, clipped at 0)."""
-    return np.sqrt(np.clip(2.0 - 2.0 * np.asarray(similarity, dtype=np.float64), 0.0, None)).astype(np.float32)
-
-
-def build_index(base: np.ndarray, search: SearchConfig) -> tuple[Any, dict[str, Any]]:
-    """A faiss inner-product index over the unit vectors `base` (N, d), of the configured kind."""
-    import faiss
-
-    base = check_embeddings(base, what="training embeddings")
-    n, d = base.shape
-    kind = search.kind_for(n)
-    info: dict[str, Any] = {"index": kind, "chosen_by": "size" if search.index == "auto" else "config"}
-    if kind == "exact":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        nlist = search.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
-        if nlist > n:
-            raise ConfigError(f"IVF nlist {nlist} exceeds the {n} training vectors")
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = search.seed
-        index.cp.verbose = False
-        # k-means on a seeded sample of at most 64 points per list: enough for the centroids, bounded cost
-        train_rows = np.random.default_rng(search.seed).permutation(n)[: 64 * nlist]
-        index.train(base[np.sort(train_rows)])
-        index.nprobe = min(search.nprobe, nlist)
-        index.quantizer_trains_alone = 0
-        info.update(nlist=nlist, nprobe=int(index.nprobe))
-    else:
-        index = faiss.IndexHNSWFlat(d, search.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = search.ef_construction
-        index.hnsw.efSearch = search.ef_search
-        info.update(M=search.hnsw_m, ef_search=search.ef_search, ef_construction=search.ef_construction)
-    index.add(base)
-    return index, info
-
-
-def search_views(index: Any, views: Sequence[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest training rows of each query over several views of it (e.g. an image and its mirror): the
-    views' results merged and sorted by distance (a row may repeat). Misses (-1 from IVF) get distance inf."""
-    k = min(k, index.ntotal)
-    dists, rows = [], []
-    for v in views:
-        sim, idx = index.search(v, k)
-        dist = to_distance(sim)
-        dist[idx < 0] = np.inf
-        dists.append(dist)
-        rows.append(idx)
-    dist, idx = np.concatenate(dists, axis=1), np.concatenate(rows, axis=1)
-    order = np.argsort(dist, axis=1, kind="stable")
-    return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
-
-
-def exact_nearest(base: np.ndarray, views: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Exact nearest row (distance, row) over query views, with faiss `IndexFlatIP`."""
-    import faiss
-
-    index = faiss.IndexFlatIP(base.shape[1])
-    index.add(np.ascontiguousarray(base, dtype=np.float32))
-    dist, idx = search_views(index, views, 1)
-    return dist[:, 0], idx[:, 0]
-
-
-def brute_force_nearest(base: np.ndarray, queries: np.ndarray, *, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Reference nearest neighbour with numpy (matmul + argmax in chunks): what faiss is checked against."""
-    dist = np.empty(len(queries), dtype=np.float32)
-    idx = np.empty(len(queries), dtype=np.int64)
-    for lo in range(0, len(queries), chunk):
-        sim = queries[lo : lo + chunk] @ base.T
-        best = sim.argmax(axis=1)
-        idx[lo : lo + chunk] = best
-        dist[lo : lo + chunk] = to_distance(sim[np.arange(len(best)), best])
-    return dist, idx
-
-
-def recall_at_1(approx_dist: np.ndarray, exact_dist: np.ndarray, *, tol: float = RECALL_TOLERANCE) -> float:
-    """Share of queries whose approximate nearest distance equals the exact one (within `tol`)."""
-    return float(np.mean(approx_dist <= exact_dist + tol))
+# Search of one space over whole arrays (the check itself goes through prepare_reference / search_shard)
 
 
 def _views(emb: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -301,18 +236,14 @@ def space_distances(
     train = check_embeddings(train, what=f"{name} training embeddings")
     h_views = [check_embeddings(v, what=f"{name} holdout embeddings") for v in _views(holdout)]
     s_views = [check_embeddings(v, what=f"{name} synthetic embeddings") for v in _views(synthetic)]
-    for v in (*h_views, *s_views):
-        if v.shape[1] != train.shape[1]:
-            raise InputError(f"{name} embeddings: dimension {v.shape[1]} differs from training's {train.shape[1]}")
+    check_dimension(name, train.shape[1], [*h_views, *s_views])
     t0 = time.perf_counter()
     index, info = build_index(train, search)
     s_dist, s_idx = search_views(index, s_views, k)
     h_dist, h_idx = search_views(index, h_views, k)
     info["seconds"] = round(time.perf_counter() - t0, 3)
     if info["index"] != "exact":
-        rng = np.random.default_rng(search.seed)
-        n = len(s_views[0])
-        sample = np.sort(rng.choice(n, size=min(search.recall_sample, n), replace=False))
+        sample = recall_rows(len(s_views[0]), search)
         exact_d, _ = exact_nearest(train, [v[sample] for v in s_views])
         info.update(recall_at_1=recall_at_1(s_dist[sample, 0], exact_d), recall_sample=len(sample))
     result = SpaceDistances(
@@ -525,54 +456,417 @@ def calibrate(null: Mapping[str, np.ndarray], *, quantile: float, joint: bool = 
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The check
+# The check: reference (train + holdout), synthetic shards, merge
+
+
+def _check_images(s: ImageSet) -> None:
+    if s.images.dtype != np.uint8 or s.images.ndim not in (3, 4):
+        raise InputError(f"{s.name}: expected uint8 N×H×W[×C] images, got {s.images.dtype} {s.images.shape}")
+    if len(s) == 0:
+        raise InputError(f"{s.name}: no images")
+
+
+def _check_spec(s: ImageSet, spec: tuple[int, int, int]) -> None:
+    if s.spec != spec:
+        raise InputError(
+            f"{s.name}: images are {s.spec[0]}×{s.spec[1]}×{s.spec[2]} (H×W×C) but the training images are "
+            f"{spec[0]}×{spec[1]}×{spec[2]}"
+        )
 
 
 def _check_sets(train: ImageSet, holdout: ImageSet, synthetic: ImageSet) -> None:
     for s in (train, holdout, synthetic):
-        if s.images.dtype != np.uint8 or s.images.ndim not in (3, 4):
-            raise InputError(f"{s.name}: expected uint8 N×H×W[×C] images, got {s.images.dtype} {s.images.shape}")
-        if len(s) == 0:
-            raise InputError(f"{s.name}: no images")
+        _check_images(s)
     for s in (holdout, synthetic):
-        if s.spec != train.spec:
-            raise InputError(
-                f"{s.name}: images are {s.spec[0]}×{s.spec[1]}×{s.spec[2]} (H×W×C) but the training images are "
-                f"{train.spec[0]}×{train.spec[1]}×{train.spec[2]}"
-            )
+        _check_spec(s, train.spec)
 
 
 def _mirror(images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(images[:, :, ::-1])
 
 
-def _embeddings_for(
-    space: str,
+def _model_for(space: str, encoder: EmbeddingSpace | None) -> EmbeddingSpace:
+    if space == PIXEL:
+        return PixelSpace()
+    if encoder is None:
+        raise ConfigError("the learned space needs a trained encoder (privacy.embeddings.train_encoder/load_encoder)")
+    return encoder
+
+
+def embed_blocks(model: EmbeddingSpace, images: np.ndarray, block: int | None) -> np.ndarray:
+    """`model.embed` over fixed padded blocks of `images` (see `privacy.search.map_blocks`)."""
+    return map_blocks(lambda x: (model.embed(x),), [np.asarray(images)], block)[0]
+
+
+def _query_views(
+    space: str, model: EmbeddingSpace | None, images: np.ndarray, flip: bool, block: int | None
+) -> list[np.ndarray]:
+    if model is None:
+        raise ConfigError(f"the {space} space has no embedding model: give its synthetic embeddings too")
+    views = [embed_blocks(model, images, block)]
+    if space == LEARNED and flip:
+        views.append(embed_blocks(model, _mirror(images), block))
+    return views
+
+
+@dataclass
+class SpaceReference:
+    """One faiss space of a reference: training embeddings per base shard, holdout embeddings (unmirrored), the
+    prebuilt approximate indexes (None for exact search, which needs none), and the null search's results."""
+
+    name: str
+    model: EmbeddingSpace | None
+    ranges: list[tuple[int, int]]  # base shards' training rows [lo, hi)
+    train: list[np.ndarray]  # one (hi − lo, d) array per base shard (possibly memory-mapped)
+    holdout: np.ndarray  # (N_h, d)
+    indexes: list[Any]  # per base shard: a faiss index, a zero-argument loader of one, or None (exact)
+    null_dist: np.ndarray
+    null_nn: np.ndarray
+    null_cands: np.ndarray  # (N_h, V·k) candidate rows for registration
+    search: dict[str, Any]
+
+    @property
+    def train_size(self) -> int:
+        return self.ranges[-1][1]
+
+    def index(self, j: int) -> Any:
+        """The prebuilt index of base shard `j` (loaded if stored as a loader), or None for exact search."""
+        ix = self.indexes[j]
+        return ix() if callable(ix) else ix
+
+
+@dataclass
+class Reference:
+    """Everything the per-shard synthetic search and the merge need, computed once from the real data."""
+
+    config: MemorizationConfig
+    spec: tuple[int, int, int]
+    train_ids: np.ndarray
+    train_sha: np.ndarray
+    train_images: np.ndarray  # registration compares candidates pixel by pixel
+    holdout_ids: np.ndarray
+    holdout_sha: np.ndarray
+    exact_holdout: np.ndarray  # holdout images pixel-identical to a training image
+    near: np.ndarray  # holdout near-duplicates of training images (excluded from the null)
+    spaces: dict[str, SpaceReference]
+    registered_null: tuple[np.ndarray, np.ndarray] | None  # (distance, training row) per holdout image
+    registered_search: dict[str, Any] | None
+    calibration: dict[str, Any]
+    near_rule_spaces: list[str]
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def keep(self) -> np.ndarray:
+        """Holdout images in the null (calibration set)."""
+        return ~(self.exact_holdout | self.near)
+
+    @property
+    def share_rows(self) -> np.ndarray:
+        """Holdout rows the closer-to-train share compares synthetic images with (not copies of training images)."""
+        return np.flatnonzero(~self.exact_holdout)
+
+
+def prepare_reference(
     train: ImageSet,
     holdout: ImageSet,
-    synthetic: ImageSet,
     *,
-    encoder: EmbeddingSpace | None,
-    flip_queries: bool,
-    given: Mapping[str, Any] | None,
-) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    if given is not None:
-        return given["train"], _views(given["holdout"]), _views(given["synthetic"])
-    model: EmbeddingSpace
-    if space == PIXEL:
-        model = PixelSpace()
-    elif encoder is None:
-        raise ConfigError("the learned space needs a trained encoder (privacy.embeddings.train_encoder/load_encoder)")
-    else:
-        model = encoder
+    encoder: EmbeddingSpace | None = None,
+    config: MemorizationConfig | None = None,
+    embeddings: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Reference:
+    """Step 1 of the check: embed the training and holdout images in every faiss space, search holdout → train (the
+    null, and the registered space's), exclude holdout duplicates of training images, calibrate the thresholds.
 
-    def views(s: ImageSet) -> list[np.ndarray]:
-        out = [model.embed(s.images)]
-        if space == LEARNED and flip_queries:
-            out.append(model.embed(_mirror(s.images)))
+    `embeddings` optionally provides precomputed embeddings per faiss space (`{space: {"train": (N, d), "holdout":
+    (N_h, d) or [views]}}`, validated: finite, 2-D, same dimension)."""
+    config = config or MemorizationConfig()
+    for s in (train, holdout):
+        _check_images(s)
+    _check_spec(holdout, train.spec)
+    embeddings = embeddings or {}
+    search, k = config.search, config.candidates
+    train_sha = set(train.sha256.tolist())
+    exact_holdout = np.array([s in train_sha for s in holdout.sha256], dtype=bool)
+    timings: dict[str, Any] = {}
+    spaces: dict[str, SpaceReference] = {}
+    for space in (s for s in config.spaces if s in FAISS_SPACES):
+        t0 = time.perf_counter()
+        given = embeddings.get(space)
+        model = None if given is not None and space == LEARNED and encoder is None else _model_for(space, encoder)
+        if given is not None:
+            t = check_embeddings(given["train"], what=f"{space} training embeddings")
+            h = [check_embeddings(v, what=f"{space} holdout embeddings") for v in _views(given["holdout"])]
+        else:
+            t = model.embed(train.images)
+            h = _query_views(space, model, holdout.images, config.flip_queries, None)
+        for what, arr, n in (("train", t, len(train)), ("holdout", h[0], len(holdout))):
+            if len(arr) != n:
+                raise InputError(f"{space} {what} embeddings: {len(arr)} rows for {n} images")
+        check_dimension(space, t.shape[1], h)
+        t1 = time.perf_counter()
+        ranges = base_ranges(len(t), search)
+        parts, indexes, infos = [], [], []
+        for lo, hi in ranges:
+            index, info = build_index(t[lo:hi], search, n_total=len(t))
+            parts.append(search_base_shard(t[lo:hi], lo, h, k, search, index=index))
+            indexes.append(None if info["index"] == "exact" else cpu_index(index, info["gpu"]))
+            infos.append(info)
+            del index
+        null_d, null_r = combine_views(*merge_topk(parts, k))
+        spaces[space] = SpaceReference(
+            name=space, model=model, ranges=ranges, train=[t[lo:hi] for lo, hi in ranges], holdout=h[0],
+            indexes=indexes, null_dist=null_d[:, 0], null_nn=null_r[:, 0], null_cands=null_r,
+            search=_space_info(infos, ranges),
+        )
+        timings[space] = {"embed_seconds": round(t1 - t0, 3), "search_seconds": round(time.perf_counter() - t1, 3)}
+    registered_null, registered_search = None, None
+    if REGISTERED in config.spaces:
+        t0 = time.perf_counter()
+        h_cands = np.concatenate([r.null_cands for r in spaces.values()], axis=1)
+        registered_null = registered_distances(holdout.images, train.images, h_cands, config.registration)
+        registered_search = {
+            "index": "candidates",
+            "candidates_per_query": int(h_cands.shape[1]),
+            "from": list(spaces),
+            "max_shift_px": config.registration.max_shift_px,
+            "scales": list(config.registration.scales),
+            "flips": config.registration.flips,
+        }
+        timings[REGISTERED] = {"seconds": round(time.perf_counter() - t0, 3)}
+
+    # Calibration set: holdout images that are not (near-)duplicates of training images.
+    null_dists = {s: r.null_dist for s, r in spaces.items()}
+    if registered_null is not None:
+        null_dists[REGISTERED] = registered_null[0]
+    near = np.zeros(len(holdout), dtype=bool)
+    near_rule_spaces = [s for s in (PIXEL, REGISTERED) if s in null_dists]
+    for s in near_rule_spaces:
+        near |= null_dists[s] <= config.near_duplicate_distance
+    near &= ~exact_holdout
+    keep = ~(exact_holdout | near)
+    cal = calibrate({s: d[keep] for s, d in null_dists.items()}, quantile=config.quantile,
+                    joint=config.calibration == "joint")
+    return Reference(
+        config=config, spec=train.spec, train_ids=np.asarray(train.ids), train_sha=np.asarray(train.sha256),
+        train_images=train.images, holdout_ids=np.asarray(holdout.ids), holdout_sha=np.asarray(holdout.sha256),
+        exact_holdout=exact_holdout, near=near, spaces=spaces, registered_null=registered_null,
+        registered_search=registered_search, calibration=cal, near_rule_spaces=near_rule_spaces, timings=timings,
+    )
+
+
+def _space_info(infos: list[dict[str, Any]], ranges: list[tuple[int, int]]) -> dict[str, Any]:
+    """One space's search info: the index kind and its parameters (per base shard when sharded)."""
+    info = dict(infos[0])
+    info["gpu"] = any(i["gpu"] for i in infos)
+    if len(ranges) > 1:
+        params = [{k: v for k, v in i.items() if k not in ("index", "chosen_by", "gpu")} for i in infos]
+        for key in params[0]:
+            info.pop(key, None)
+        info["base_shards"] = [{"rows": [lo, hi], **p} for (lo, hi), p in zip(ranges, params, strict=True)]
+    return info
+
+
+def synthetic_block_size(n_synthetic: int, config: MemorizationConfig) -> int:
+    """The block size used for a synthetic set of `n_synthetic` rows: `config.block_size`, or the whole set when
+    smaller (it depends on the set only, never on the sharding)."""
+    return max(1, min(config.block_size, n_synthetic))
+
+
+def shard_rows(n: int, shard_index: int, shard_count: int, block: int) -> tuple[int, int]:
+    """Rows [lo, hi) of shard `shard_index` of `shard_count` over `n` rows: contiguous whole blocks of `block`
+    rows, blocks spread as evenly as possible (a shard may be empty when there are more shards than blocks)."""
+    if shard_count < 1:
+        raise ConfigError(f"shard_count must be >= 1, got {shard_count}")
+    if not 0 <= shard_index < shard_count:
+        raise ConfigError(f"shard_index must be in [0, {shard_count - 1}], got {shard_index}")
+    blocks = -(-n // block)
+    lo_b, hi_b = shard_index * blocks // shard_count, (shard_index + 1) * blocks // shard_count
+    return min(n, lo_b * block), min(n, hi_b * block)
+
+
+@dataclass
+class ShardResult:
+    """Step 2's output for synthetic rows [lo, hi) of `n_total`: per space, each row's nearest training distance
+    and row, its nearest-holdout distance (faiss spaces), and the exact nearest distance on the recall sample rows
+    (approximate indexes; NaN elsewhere)."""
+
+    lo: int
+    hi: int
+    n_total: int
+    distance: dict[str, np.ndarray]
+    neighbour: dict[str, np.ndarray]
+    holdout_distance: dict[str, np.ndarray]
+    exact_distance: dict[str, np.ndarray]
+    gpu: dict[str, bool]
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+def search_shard(
+    reference: Reference,
+    synthetic_images: np.ndarray,
+    *,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    embeddings: Mapping[str, Any] | None = None,
+) -> ShardResult:
+    """Step 2 of the check: nearest training images of shard `shard_index`'s synthetic rows in every space.
+
+    `synthetic_images` is the WHOLE synthetic set (a memory map is fine: only the shard's rows are read); the rows
+    searched are `shard_rows(len, shard_index, shard_count, block)`. `embeddings` optionally gives each faiss
+    space's synthetic embeddings for the whole set (`{space: (N, d) or [views]}`)."""
+    config = reference.config
+    n = len(synthetic_images)
+    if n == 0:
+        raise InputError("synthetic: no images")
+    block = synthetic_block_size(n, config)
+    lo, hi = shard_rows(n, shard_index, shard_count, block)
+    images = np.asarray(synthetic_images[lo:hi])
+    k, search = config.candidates, config.search
+    exact_search = search.model_copy(update={"index": "exact"})
+    share = reference.share_rows
+    out = ShardResult(lo=lo, hi=hi, n_total=n, distance={}, neighbour={}, holdout_distance={}, exact_distance={},
+                      gpu={})
+    if hi == lo:  # more shards than blocks: this one has no rows
+        empty_f, empty_i = np.zeros(0, np.float32), np.zeros(0, np.int64)
+        for space in (*reference.spaces, *([REGISTERED] if REGISTERED in config.spaces else [])):
+            out.distance[space], out.neighbour[space] = empty_f, empty_i
+            if space in reference.spaces:
+                out.exact_distance[space], out.gpu[space] = empty_f, False
+                if len(share):
+                    out.holdout_distance[space] = empty_f
         return out
+    cands = []
+    for space, ref in reference.spaces.items():
+        t0 = time.perf_counter()
+        given = (embeddings or {}).get(space)
+        if given is not None:
+            views = [check_embeddings(v, what=f"{space} synthetic embeddings") for v in _views(given)]
+            if len(views[0]) != n:
+                raise InputError(f"{space} synthetic embeddings: {len(views[0])} rows for {n} images")
+            views = [v[lo:hi] for v in views]
+        else:
+            views = _query_views(space, ref.model, images, config.flip_queries, block)
+        check_dimension(space, ref.holdout.shape[1], views)
+        t1 = time.perf_counter()
+        # Base shards outermost: one base shard's index in memory at a time.
+        parts, on_gpu = [], use_gpu(search, ref.search["index"])
+        for j, (b_lo, _) in enumerate(ref.ranges):
+            index = ref.index(j)  # a prebuilt approximate index (CPU), or None: exact, built by search_base_shard
+            if index is not None:
+                index = place_index(index, on_gpu)
+            parts.append(search_base_shard(ref.train[j], b_lo, views, k, search, n_total=ref.train_size,
+                                           index=index, block=block))
+            del index
+        dist, rows = combine_views(*merge_topk(parts, k))
+        t2 = time.perf_counter()
+        out.distance[space], out.neighbour[space] = dist[:, 0], rows[:, 0]
+        cands.append(rows)
+        if len(share):
+            h_dist, _ = combine_views(*search_base_shard(ref.holdout[share], 0, views, 1, exact_search, block=block))
+            out.holdout_distance[space] = h_dist[:, 0]
+        exact = np.full(hi - lo, np.nan, dtype=np.float32)
+        if ref.search["index"] != "exact":
+            exact = _exact_on_sample(ref, views, lo, hi, n, block, search)
+        out.exact_distance[space] = exact
+        out.gpu[space] = on_gpu
+        out.timings[space] = {"embed_seconds": round(t1 - t0, 3), "search_seconds": round(t2 - t1, 3),
+                              "holdout_and_recall_seconds": round(time.perf_counter() - t2, 3)}
+    if REGISTERED in config.spaces:
+        t0 = time.perf_counter()
+        all_cands = np.concatenate(cands, axis=1) if cands else np.zeros((hi - lo, 0), np.int64)
+        d, r = map_blocks(lambda q, c: registered_distances(q, reference.train_images, c, config.registration),
+                          [images, all_cands], block)
+        out.distance[REGISTERED], out.neighbour[REGISTERED] = d, r
+        out.timings[REGISTERED] = {"seconds": round(time.perf_counter() - t0, 3)}
+    return out
 
-    return model.embed(train.images), views(holdout), views(synthetic)
+
+def _exact_on_sample(
+    ref: SpaceReference, views: list[np.ndarray], lo: int, hi: int, n: int, block: int, search: SearchConfig
+) -> np.ndarray:
+    """Exact nearest distance of the recall sample's rows within [lo, hi) (NaN elsewhere), searched block by block
+    (a block's sample rows are the same whatever the shard, so are their results)."""
+    out = np.full(hi - lo, np.nan, dtype=np.float32)
+    exact = search.model_copy(update={"index": "exact"})
+    sample = recall_rows(n, search)
+    local = sample[(sample >= lo) & (sample < hi)] - lo
+    groups = [g for b in range(0, hi - lo, block) if len(g := local[(local >= b) & (local < b + block)])]
+    parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in groups]
+    for t, (b_lo, _) in zip(ref.train, ref.ranges, strict=True):  # one exact index per base shard
+        index, _ = build_index(t, exact, n_total=ref.train_size)
+        for g, rows in enumerate(groups):
+            parts[g].append(search_base_shard(t, b_lo, [v[rows] for v in views], 1, exact, index=index))
+        del index
+    for rows, p in zip(groups, parts, strict=True):
+        out[rows] = combine_views(*merge_topk(p, 1))[0][:, 0]
+    return out
+
+
+def merge_shards(reference: Reference, synthetic: ImageSet, shards: Sequence[ShardResult]) -> MemorizationResult:
+    """Step 3 of the check: put the shards' rows back in order (any order given; together they must cover every
+    synthetic row exactly once), measure approximate indexes' recall on the sample, and build the per-image table,
+    the null table, the summary, the closest pairs and the histograms."""
+    config = reference.config
+    n = len(synthetic)
+    shards = sorted(shards, key=lambda s: (s.lo, s.hi))
+    at = 0
+    for s in shards:
+        if s.n_total != n:
+            raise InputError(f"memorization shard of rows [{s.lo}, {s.hi}) was searched on {s.n_total} synthetic "
+                             f"images, not {n}")
+        if s.lo > at:
+            raise InputError(f"memorization shards: rows [{at}, {s.lo}) are missing")
+        if s.lo < at:
+            raise InputError(f"memorization shards: rows [{s.lo}, {min(at, s.hi)}) are repeated")
+        at = s.hi
+    if at != n:
+        raise InputError(f"memorization shards: rows [{at}, {n}) are missing")
+
+    def cat(get) -> np.ndarray:
+        return np.concatenate([get(s) for s in shards])
+
+    results: dict[str, SpaceDistances] = {}
+    share = reference.share_rows
+    for space, ref in reference.spaces.items():
+        info = dict(ref.search)
+        info["gpu"] = bool(info["gpu"] or any(s.gpu.get(space, False) for s in shards))
+        dist = cat(lambda s, sp=space: s.distance[sp])
+        if info["index"] != "exact":
+            sample = recall_rows(n, config.search)
+            exact = cat(lambda s, sp=space: s.exact_distance[sp])
+            info.update(recall_at_1=recall_at_1(dist[sample], exact[sample]), recall_sample=len(sample))
+        results[space] = SpaceDistances(
+            name=space, synth_dist=dist, synth_nn=cat(lambda s, sp=space: s.neighbour[sp]),
+            null_dist=ref.null_dist, null_nn=ref.null_nn,
+            synth_holdout_dist=cat(lambda s, sp=space: s.holdout_distance[sp]) if len(share) else None,
+            holdout_reference_size=len(share), search=info,
+        )
+    if reference.registered_null is not None:
+        results[REGISTERED] = SpaceDistances(
+            name=REGISTERED, synth_dist=cat(lambda s: s.distance[REGISTERED]),
+            synth_nn=cat(lambda s: s.neighbour[REGISTERED]), null_dist=reference.registered_null[0],
+            null_nn=reference.registered_null[1], search=dict(reference.registered_search or {}),
+        )
+    thresholds = reference.calibration["thresholds"]
+    keep = reference.keep
+    table = _synthetic_table(synthetic, reference.train_ids, results, thresholds, set(reference.train_sha.tolist()),
+                             set(reference.holdout_sha.tolist()))
+    null_table = _null_table(reference.holdout_ids, reference.train_ids, results, reference.exact_holdout,
+                             reference.near)
+    summary = _summary(config, len(reference.train_ids), len(reference.holdout_ids), results,
+                       reference.calibration, table, keep, reference.exact_holdout, reference.near,
+                       reference.near_rule_spaces)
+    summary["timings"] = {
+        "reference": reference.timings,
+        "shards": [{"rows": [s.lo, s.hi], **s.timings} for s in shards],
+    }
+    return MemorizationResult(
+        table=table,
+        null_table=null_table,
+        summary=summary,
+        top_pairs=_top_pairs(table, list(results), config.top_k),
+        histograms=_histograms(results, keep, thresholds, config.histogram_bins),
+    )
 
 
 def check_memorization(
@@ -587,91 +881,22 @@ def check_memorization(
     """Find each synthetic image's nearest training image in every configured space, calibrate thresholds on the
     holdout → train null, and flag synthetic images closer than the thresholds (in any space) or pixel-identical
     to a real image (training: `exact_copy`; holdout: `holdout_copy`, a leak of a real image rather than
-    memorization).
+    memorization). In memory: `prepare_reference` → `search_shard` (one shard) → `merge_shards`.
 
     `embeddings` optionally provides precomputed embeddings per faiss space: `{space: {"train": (N, d),
     "holdout": (N_h, d) or [views], "synthetic": (N_s, d) or [views]}}` (validated: finite, 2-D).
     """
-    config = config or MemorizationConfig()
     _check_sets(train, holdout, synthetic)
     embeddings = embeddings or {}
-    k = config.registration.candidates if REGISTERED in config.spaces else 1
-    train_sha = set(train.sha256.tolist())
-    exact_holdout = np.array([s in train_sha for s in holdout.sha256], dtype=bool)
-
-    results: dict[str, SpaceDistances] = {}
-    for space in (s for s in config.spaces if s in FAISS_SPACES):
-        t_embed = time.perf_counter()
-        t, h, s = _embeddings_for(
-            space,
-            train,
-            holdout,
-            synthetic,
-            encoder=encoder,
-            flip_queries=config.flip_queries,
-            given=embeddings.get(space),
-        )
-        for what, arr, n in (
-            ("train", t, len(train)),
-            ("holdout", h[0], len(holdout)),
-            ("synthetic", s[0], len(synthetic)),
-        ):
-            if len(arr) != n:
-                raise InputError(f"{space} {what} embeddings: {len(arr)} rows for {n} images")
-        embed_seconds = time.perf_counter() - t_embed
-        results[space] = space_distances(
-            space, t, h, s, search=config.search, k=k, holdout_rows_for_share=np.flatnonzero(~exact_holdout)
-        )
-        results[space].search["embed_seconds"] = round(embed_seconds, 3)
-    if REGISTERED in config.spaces:
-        t0 = time.perf_counter()
-        s_cands = np.concatenate([r.synth_cands for r in results.values()], axis=1)
-        h_cands = np.concatenate([r.null_cands for r in results.values()], axis=1)
-        s_d, s_nn = registered_distances(synthetic.images, train.images, s_cands, config.registration)
-        h_d, h_nn = registered_distances(holdout.images, train.images, h_cands, config.registration)
-        results[REGISTERED] = SpaceDistances(
-            name=REGISTERED,
-            synth_dist=s_d,
-            synth_nn=s_nn,
-            null_dist=h_d,
-            null_nn=h_nn,
-            search={
-                "index": "candidates",
-                "candidates_per_query": int(s_cands.shape[1]),
-                "from": [s for s in results if s != REGISTERED],
-                "max_shift_px": config.registration.max_shift_px,
-                "scales": list(config.registration.scales),
-                "flips": config.registration.flips,
-                "seconds": round(time.perf_counter() - t0, 3),
-            },
-        )
-
-    # Calibration set: holdout images that are not (near-)duplicates of training images.
-    near = np.zeros(len(holdout), dtype=bool)
-    near_rule_spaces = [s for s in (PIXEL, REGISTERED) if s in results]
-    for s in near_rule_spaces:
-        near |= results[s].null_dist <= config.near_duplicate_distance
-    near &= ~exact_holdout
-    keep = ~(exact_holdout | near)
-    null = {s: r.null_dist[keep] for s, r in results.items()}
-    cal = calibrate(null, quantile=config.quantile, joint=config.calibration == "joint")
-    thresholds = cal["thresholds"]
-
-    table = _synthetic_table(synthetic, train, results, thresholds, train_sha, set(holdout.sha256.tolist()))
-    null_table = _null_table(holdout, train, results, exact_holdout, near)
-    summary = _summary(config, len(train), holdout, results, cal, table, keep, exact_holdout, near, near_rule_spaces)
-    return MemorizationResult(
-        table=table,
-        null_table=null_table,
-        summary=summary,
-        top_pairs=_top_pairs(table, list(results), config.top_k),
-        histograms=_histograms(results, keep, thresholds, config.histogram_bins),
-    )
+    reference = prepare_reference(train, holdout, encoder=encoder, config=config, embeddings=embeddings)
+    given = {s: e["synthetic"] for s, e in embeddings.items() if "synthetic" in e}
+    shard = search_shard(reference, synthetic.images, embeddings=given)
+    return merge_shards(reference, synthetic, [shard])
 
 
 def _synthetic_table(
     synthetic: ImageSet,
-    train: ImageSet,
+    train_ids: np.ndarray,
     results: Mapping[str, SpaceDistances],
     thresholds: Mapping[str, float],
     train_sha: set[str],
@@ -686,7 +911,7 @@ def _synthetic_table(
     flagged = (table["exact_copy"] | table["holdout_copy"]).to_numpy().copy()
     for s, r in results.items():
         table[f"{s}_distance"] = r.synth_dist.astype(np.float32)
-        table[f"{s}_neighbour_id"] = _ids(train.ids, r.synth_nn)
+        table[f"{s}_neighbour_id"] = _ids(train_ids, r.synth_nn)
         table[f"{s}_flagged"] = r.synth_dist < thresholds[s]
         flagged |= table[f"{s}_flagged"].to_numpy()
         if r.synth_holdout_dist is not None:
@@ -702,12 +927,13 @@ def _ids(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def _null_table(
-    holdout: ImageSet, train: ImageSet, results: Mapping[str, SpaceDistances], exact: np.ndarray, near: np.ndarray
+    holdout_ids: np.ndarray, train_ids: np.ndarray, results: Mapping[str, SpaceDistances], exact: np.ndarray,
+    near: np.ndarray
 ) -> pd.DataFrame:
-    table = pd.DataFrame({"image_id": holdout.ids.astype(str)})
+    table = pd.DataFrame({"image_id": np.asarray(holdout_ids).astype(str)})
     for s, r in results.items():
         table[f"{s}_distance"] = r.null_dist.astype(np.float32)
-        table[f"{s}_neighbour_id"] = _ids(train.ids, r.null_nn)
+        table[f"{s}_neighbour_id"] = _ids(train_ids, r.null_nn)
     table["excluded"] = np.where(exact, "exact_duplicate", np.where(near, "near_duplicate", None))
     return table
 
@@ -720,7 +946,7 @@ def _quantiles(x: np.ndarray) -> dict[str, float]:
 def _summary(
     config: MemorizationConfig,
     train_size: int,
-    holdout: ImageSet,
+    holdout_size: int,
     results: Mapping[str, SpaceDistances],
     cal: Mapping[str, Any],
     table: pd.DataFrame,
@@ -774,7 +1000,7 @@ def _summary(
         "exact_copies": int(table["exact_copy"].sum()),
         "holdout_copies": int(table["holdout_copy"].sum()),
         "null": {
-            "holdout_images": len(holdout),
+            "holdout_images": holdout_size,
             "size": int(keep.sum()),
             "excluded_exact_duplicates": int(exact.sum()),
             "excluded_near_duplicates": int(near.sum()),
