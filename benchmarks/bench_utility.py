@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--real", type=Path, help="canonical real dataset (default: ingest pneumoniamnist.npz)")
     ap.add_argument("--synthetic", type=Path, help="canonical synthetic dataset (default: a degraded-copy proxy)")
     ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 1, as the audit)")
     ap.add_argument("--ratios", default="0.5,1,2")
     ap.add_argument("--out", type=Path, help="where to keep the audit (default: a temporary directory)")
     args = ap.parse_args()

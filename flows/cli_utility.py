@@ -34,8 +34,8 @@ def utility_cmd(
     inception_weights: Annotated[Path | None, typer.Option(
         "--inception-weights", help="Inception-v3 TorchScript file for FID/KID in Inception space (never "
                                     "downloaded; a state dict is refused).")] = None,
-    threads: Annotated[int | None, typer.Option(help="Torch threads for the classifiers (default: torch's). On "
-                                                     "shared cores 1 can be several times faster.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch threads for the classifiers (default: 1, "
+                                                     "so results are identical on any machine or worker).")] = None,
     fidelity: Annotated[bool, typer.Option("--fidelity/--no-fidelity", help="Compute FID/KID/precision/recall.")]
     = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,

@@ -14,6 +14,7 @@ set is never looked at during training or selection.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,6 +121,19 @@ class SmallResNet(nn.Module):
         return self.head(self.features(x))
 
 
+@torch.no_grad()
+def init_weights(model: nn.Module, gen: torch.Generator) -> None:
+    """PyTorch's default initialisation of every conv and linear layer (Kaiming-uniform weights with a = √5,
+    uniform biases in ±1/√fan_in; BatchNorm starts at 1 and 0), drawn from `gen` instead of the global RNG."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=gen)
+            if module.bias is not None:
+                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                nn.init.uniform_(module.bias, -bound, bound, generator=gen)
+
+
 def _as_nchw(images: np.ndarray) -> torch.Tensor:
     """uint8 N×H×W[×C] → uint8 tensor N×C×H×W (no copy of the pixels' meaning, just layout)."""
     arr = np.asarray(images)
@@ -151,7 +165,11 @@ def _augment(x: torch.Tensor, cfg: ClassifierConfig, gen: torch.Generator) -> to
         b = (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * cfg.brightness * 2.0  # [0,1] units → [-1,1] units
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * c + mean + b).clamp_(-1.0, 1.0)
-    return x.contiguous()
+    # Plain NCHW strides. With one channel the gathered batch is N×1×H×W with channels-last strides, which
+    # `.contiguous()` leaves as is (a size-1 dim's stride does not count), so oneDNN ran the whole network
+    # channels-last; its backward pass of the 1×1 stride-2 projection then corrupted memory (segfault, hang)
+    # with 3, 5, 6 or 7 torch threads (torch 2.13 CPU).
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 @dataclass
@@ -239,7 +257,8 @@ def train_classifier(
     """Train the audit CNN on (images, labels); pick the epoch with the best validation macro AUROC.
 
     `num_classes` defaults to max(label) + 1 over both sets. The validation split is the only data used for model
-    selection. Deterministic for a given config on a given machine (seeded init, order and augmentation).
+    selection. Deterministic for a given config, machine and torch thread count (seeded init, order and
+    augmentation; float reductions in the backward pass are split by thread count).
     """
     cfg = config or ClassifierConfig()
     shape = _image_shape(images, "training images")
@@ -258,9 +277,13 @@ def train_classifier(
 
     start = time.perf_counter()
     with torch_threads(cfg.threads):
-        torch.manual_seed(cfg.seed)
+        # One local generator for initialisation, order and augmentation: the result does not depend on torch's
+        # global RNG (nor reseeds it), so trainings running concurrently in threads of one process (a thread-pool
+        # task runner) cannot interleave their draws.
+        gen = torch.Generator().manual_seed(cfg.seed)
         model = SmallResNet(shape[2], k, width=cfg.width, blocks_per_stage=cfg.blocks_per_stage,
                             image_size=min(shape[0], shape[1]))
+        init_weights(model, gen)
         x = _as_nchw(images)
         xv = _as_nchw(val_images)
         yt = torch.from_numpy(y)
@@ -273,7 +296,6 @@ def train_classifier(
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.2
         )
-        gen = torch.Generator().manual_seed(cfg.seed)
         best_key: tuple[float, float] | None = None
         best_state: dict[str, torch.Tensor] | None = None
         best_epoch, best_auroc = 0, None
