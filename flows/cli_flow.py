@@ -29,6 +29,20 @@ def load_release_config(config: Path | None, **overrides: object):
     return build(ReleaseConfig, {k: v for k, v in overrides.items() if v is not None}, source="command line")
 
 
+def with_scale_out(cfg, **flags: object):
+    """The config with the command line's runner and training-launch flags applied over the file's sections."""
+    from flows.release_config import RunnerSettings, TrainingLaunchSettings
+    from synth.config import build
+
+    runner = {k: v for k, v in flags.items() if k in ("kind", "address", "workers", "shards") and v is not None}
+    training = {"nproc": flags["nproc"]} if flags.get("nproc") is not None else {}
+    if runner:
+        runner = build(RunnerSettings, {**cfg.runner.model_dump(), **runner}, source="command line")
+    if training:
+        training = build(TrainingLaunchSettings, {**cfg.training.model_dump(), **training}, source="command line")
+    return cfg.model_copy(update={k: v for k, v in (("runner", runner), ("training", training)) if v})
+
+
 def release_cmd(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="release.yaml (config + policy).")] = None,
     auto_approve: Annotated[bool, typer.Option(help="Approve without a human (recorded in the datasheet).")] = False,
@@ -37,11 +51,18 @@ def release_cmd(
     key: Annotated[Path | None, typer.Option(help="The steward's private signing key (release.key).")] = None,
     release_id: Annotated[str | None, typer.Option(help="Id of this release (default: derived).")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
+    runner: Annotated[str | None, typer.Option(help="Task runner: threads | dask | ray.")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Scheduler to run on, e.g. tcp://host:8786 (default: a local cluster).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Local cluster worker processes.")] = None,
+    shards: Annotated[int | None, typer.Option(help="Shards per mapped stage (default: one per worker).")] = None,
+    nproc: Annotated[int | None, typer.Option(help="Training processes (torchrun; one per GPU).")] = None,
 ) -> int:
     """Run the whole release flow. Exit 0 published, 1 blocked by the gate or rejected, 2 bad input."""
     _quiet_prefect()
     cfg = load_release_config(config, workdir=workdir, releases_dir=releases_dir, private_key=key,
                               release_id=release_id, device=device)
+    cfg = with_scale_out(cfg, kind=runner, address=address, workers=workers, shards=shards, nproc=nproc)
     if auto_approve:
         cfg = cfg.model_copy(update={"approval": cfg.approval.model_copy(update={"auto_approve": True})})
     if not cfg.private_key.is_file():

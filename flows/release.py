@@ -1,6 +1,11 @@
 """The release flow: ingest → validate → train → generate → privacy audit → utility audit → gate → report →
 approval → bundle → publish. Each task is a thin wrapper over a stage function in `flows/stages.py`.
 
+The compute (everything up to the steward's report) runs in the subflow `release-pipeline` on the task runner the
+release config names (`runner`: Prefect's thread pool, a Dask cluster, Ray); generation, the memorization search
+and the utility classifiers are mapped over shards there. Approval, signing and publishing stay in the flow's own
+process, where the steward's key is.
+
 Tasks pass paths, never arrays (Prefect may persist results as pickles). Caching is by content hash at the
 artifact level (`flows.stages.run_stage`), not by Prefect's result cache: an artifact directory is the single
 source of truth, so a rerun after a crash skips finished stages even when Prefect's storage was wiped, and never
@@ -12,15 +17,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from flows import stages
+from flows import runners, stages
 from flows.approval import auto_approval, request_approval
 from flows.policy import Verdict
 from flows.release_config import ReleaseConfig
+from flows.runners import task_threads
 from synth.errors import PolicyBlocked
 
 
@@ -53,19 +59,46 @@ def train_task(cfg: ReleaseConfig, dataset: Path) -> Path:
     return stages.train_stage(cfg, dataset)
 
 
-@_task("generate")
-def generate_task(cfg: ReleaseConfig, model: Path) -> Path:
-    return stages.generate_stage(cfg, model)
+# Mapped tasks may land on another worker process or machine; one retry covers a lost worker.
+@_task("generate-shard", retries=1)
+def generate_shard_task(cfg: ReleaseConfig, model: Path, shard_index: int, shard_count: int) -> Path:
+    with task_threads(cfg.runner):
+        return stages.generate_stage(cfg, model, shard_index=shard_index, shard_count=shard_count)
+
+
+@_task("merge-synthetic")
+def merge_synthetic_task(cfg: ReleaseConfig, model: Path, shards: list[Path]) -> Path:
+    return stages.merge_synthetic_stage(cfg, model, shards)
+
+
+@_task("privacy-reference", retries=1)
+def privacy_reference_task(cfg: ReleaseConfig, dataset: Path) -> Path:
+    with task_threads(cfg.runner):
+        return stages.privacy_reference_stage(cfg, dataset)
+
+
+@_task("memorization-shard", retries=1)
+def memorization_shard_task(cfg: ReleaseConfig, reference: Path, synthetic: Path, shard_index: int,
+                            shard_count: int) -> Path:
+    with task_threads(cfg.runner):
+        return stages.memorization_shard_stage(cfg, reference, synthetic, shard_index, shard_count)
 
 
 @_task("privacy-audit")
-def privacy_audit_task(cfg: ReleaseConfig, dataset: Path, synthetic: Path, model: Path) -> tuple[Path, Path]:
-    return stages.privacy_audit_stage(cfg, dataset, synthetic, model)
+def privacy_audit_task(cfg: ReleaseConfig, dataset: Path, synthetic: Path, model: Path, reference: Path,
+                       shards: list[Path]) -> tuple[Path, Path]:
+    return stages.privacy_audit_stage(cfg, dataset, synthetic, model, reference=reference, shards=shards)
+
+
+@_task("utility-classifier", retries=1)
+def utility_job_task(cfg: ReleaseConfig, dataset: Path, released: Path, name: str) -> Path:
+    with task_threads(cfg.runner):
+        return stages.utility_job_stage(cfg, dataset, released, name)
 
 
 @_task("utility-audit")
-def utility_audit_task(cfg: ReleaseConfig, dataset: Path, released: Path) -> Path:
-    return stages.utility_audit_stage(cfg, dataset, released)
+def utility_audit_task(cfg: ReleaseConfig, dataset: Path, released: Path, jobs: dict[str, Path]) -> Path:
+    return stages.utility_audit_stage(cfg, dataset, released, jobs)
 
 
 @_task("gate")
@@ -88,6 +121,48 @@ def publish_task(cfg: ReleaseConfig, bundle: Path, release_id: str) -> Path:
     return stages.publish_stage(cfg, bundle, release_id)
 
 
+class AuditedRun(BaseModel):
+    """The artifacts of a run up to the gate (paths and the verdict, never data)."""
+
+    dataset: Path
+    model: Path
+    synthetic: Path
+    released: Path
+    privacy_dir: Path
+    utility_dir: Path
+    report: Path
+    verdict: Verdict
+
+    def paths(self) -> dict[str, Path]:
+        return {"dataset": self.dataset, "model": self.model, "released": self.released,
+                "privacy_dir": self.privacy_dir, "utility_dir": self.utility_dir}
+
+
+@flow(name="release-pipeline", log_prints=True)
+def release_pipeline(cfg: ReleaseConfig) -> AuditedRun:
+    """Ingest → validate → train → generate (mapped over shards) → privacy audit (memorization search mapped over
+    shards) → utility audit (classifiers mapped) → gate → steward's report, on the task runner `cfg.runner`."""
+    shards = cfg.runner.shard_count()
+    dataset = ingest_task(cfg)
+    validate_task(cfg, dataset)
+    # The copy-detection reference needs only the real data: it trains beside the generator.
+    reference = privacy_reference_task.submit(cfg, dataset)
+    model = train_task(cfg, dataset)
+    parts = generate_shard_task.map(unmapped(cfg), unmapped(model), range(shards), unmapped(shards))
+    synthetic = merge_synthetic_task(cfg, model, parts.result())
+    searched = memorization_shard_task.map(unmapped(cfg), unmapped(reference.result()), unmapped(synthetic),
+                                           range(shards), unmapped(shards))
+    privacy_dir, released = privacy_audit_task(cfg, dataset, synthetic, model, reference.result(), searched.result())
+    names = stages.utility_jobs(cfg, dataset, released)
+    jobs = utility_job_task.map(unmapped(cfg), unmapped(dataset), unmapped(released), names)
+    utility_dir = utility_audit_task(cfg, dataset, released, dict(zip(names, jobs.result(), strict=True)))
+    verdict = gate_task(cfg, privacy_dir, utility_dir, model, released)
+    run = {"dataset": dataset, "model": model, "released": released, "privacy_dir": privacy_dir,
+           "utility_dir": utility_dir}
+    report = report_task(cfg, verdict=verdict, **run)
+    return AuditedRun(synthetic=synthetic, report=report, verdict=verdict, **run)
+
+
 def _summary_markdown(release_id: str, verdict: Verdict, report: Path) -> str:
     rows = "\n".join(f"| {'✅' if c.passed else '❌'} | {c.rule} | {c.message} |" for c in verdict.checks)
     return (
@@ -101,18 +176,12 @@ def _summary_markdown(release_id: str, verdict: Verdict, report: Path) -> str:
 def release(config: ReleaseConfig) -> ReleaseResult:
     """Turn a real image set into a signed, documented synthetic release, or a blocked run with every reason."""
     log = get_run_logger()
-    cfg = config
-    dataset = ingest_task(cfg)
-    validate_task(cfg, dataset)
-    model = train_task(cfg, dataset)
-    synthetic = generate_task(cfg, model)
-    privacy_dir, released = privacy_audit_task(cfg, dataset, synthetic, model)
-    utility_dir = utility_audit_task(cfg, dataset, released)
-    verdict = gate_task(cfg, privacy_dir, utility_dir, model, released)
-    paths = {"dataset": dataset, "model": model, "released": released, "privacy_dir": privacy_dir,
-             "utility_dir": utility_dir}
-    report = report_task(cfg, verdict=verdict, **paths)
-    release_id = stages.release_id_for(cfg, released)
+    cfg = stages.with_absolute_paths(config)
+    log.info("task runner: %s", runners.describe(cfg.runner))
+    audited = release_pipeline.with_options(task_runner=runners.make_task_runner(cfg.runner))(cfg)
+    verdict, report = audited.verdict, audited.report
+    paths = audited.paths()
+    release_id = stages.release_id_for(cfg, audited.released)
 
     create_markdown_artifact(key="release-summary", markdown=_summary_markdown(release_id, verdict, report),
                              description="gate verdict")
@@ -133,8 +202,8 @@ def release(config: ReleaseConfig) -> ReleaseResult:
         return ReleaseResult(status="rejected", release_id=release_id, report=report,
                              reasons=[f"rejected by {approval.reviewer}: {approval.comment}"])
 
-    bundle = bundle_task(cfg, release_id=release_id, synthetic=synthetic, verdict=verdict, approval=approval,
-                         **paths)
+    bundle = bundle_task(cfg, release_id=release_id, synthetic=audited.synthetic, verdict=verdict,
+                         approval=approval, **paths)
     published = publish_task(cfg, bundle, release_id)
     log.info("published %s", published)
     return ReleaseResult(status="published", release_id=release_id, bundle=published, report=report)

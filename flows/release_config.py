@@ -70,6 +70,45 @@ class ApprovalSettings(BaseModel):
     timeout_s: int = Field(24 * 3600, ge=1, description="how long the flow waits for a steward's decision")
 
 
+class RunnerSettings(BaseModel):
+    """Where the release's tasks run (see `flows/runners.py`). Generation, the memorization search and the utility
+    classifiers run as mapped tasks over `shards`; merged outputs are byte-identical to a single-shard run with
+    the same seed and per-worker thread count."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["threads", "dask", "ray"] = Field("threads", description="threads: this process (default)")
+    address: str | None = Field(None, description="a running Dask scheduler (tcp://host:8786) or Ray cluster; "
+                                                  "none: start a local cluster of `workers` processes")
+    workers: int = Field(2, ge=1, description="local cluster worker processes (thread pool: concurrent tasks)")
+    threads_per_worker: int = Field(1, ge=1, description="torch threads in each mapped task on a cluster")
+    shards: int | None = Field(None, ge=1, le=1024,
+                               description="shards per mapped stage; default: 1 for threads, else `workers`")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("address must be a scheduler address such as tcp://host:8786, or left out")
+        return value
+
+    def shard_count(self) -> int:
+        """How many shards each mapped stage is split into."""
+        if self.shards is not None:
+            return self.shards
+        return 1 if self.kind == "threads" else self.workers
+
+
+class TrainingLaunchSettings(BaseModel):
+    """How the generator is trained: in the flow's process, or across processes/GPUs with torchrun (DDP; DPDDP
+    when private). The global batch, the steps and the DP accounting are those of a single-process run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    nproc: int = Field(1, ge=1, le=64, description="training processes on this machine (one per GPU on CUDA)")
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
 class ReleaseConfig(BaseModel):
     """Everything one release needs. Paths are relative to where the flow runs."""
 
@@ -96,6 +135,8 @@ class ReleaseConfig(BaseModel):
     filter_flagged: bool = Field(True, description="drop synthetic images flagged as too close to a patient")
     policy: Policy = Policy()
     approval: ApprovalSettings = ApprovalSettings()
+    runner: RunnerSettings = RunnerSettings()
+    training: TrainingLaunchSettings = TrainingLaunchSettings()
 
     @field_validator("train", mode="before")
     @classmethod

@@ -37,10 +37,14 @@ STAMPS = ".stages"
 
 
 def artifact_hash(root: Path) -> str:
-    """Content hash of an artifact directory, read from its header."""
+    """Content hash of an artifact directory, read from its header (a known header name first, else the one
+    top-level JSON file that is a synthgate header)."""
     for name in _HEADERS:
         if (Path(root) / name).is_file():
             return str(read_header(root, name)["content_hash"])
+    for candidate in sorted(Path(root).glob("*.json")):
+        with contextlib.suppress(InputError):
+            return str(read_header(root, candidate.name)["content_hash"])
     raise InputError(where(root, "is not a synthgate artifact (no header found)"))
 
 
@@ -95,7 +99,23 @@ def run_stage(
 
 DATASET, VALIDATION, MODEL, SYNTHETIC = "dataset", "validation", "model", "synthetic"
 PRIVACY, RELEASED, UTILITY = "audit-privacy", "synthetic-released", "audit-utility"
+PRIVACY_REFERENCE = "audit-privacy-reference"
 REPORT, PUBLIC_REPORT, VERDICT, BUNDLE = "report", "report-public", "verdict.json", "bundle"
+
+
+def shard_name(stage: str, index: int, count: int) -> str:
+    """Directory of one shard of a mapped stage, e.g. `synthetic-shard-0-of-2`."""
+    return f"{stage}-shard-{index}-of-{count}"
+
+
+def with_absolute_paths(cfg: ReleaseConfig) -> ReleaseConfig:
+    """The config with its paths made absolute: tasks may run in worker processes on other machines that share
+    the work directory but not the flow's working directory."""
+    return cfg.model_copy(update={
+        "workdir": Path(cfg.workdir).absolute(),
+        "releases_dir": Path(cfg.releases_dir).absolute(),
+        "private_key": Path(cfg.private_key).absolute(),
+    })
 
 
 def ingest_stage(cfg: ReleaseConfig) -> Path:
@@ -156,8 +176,15 @@ def train_stage(cfg: ReleaseConfig, dataset: Path) -> Path:
     config = {"train": train_cfg.model_dump(mode="json"), "dp": cfg.dp.model_dump(mode="json")}
 
     def build(out: Path) -> Path:
-        privacy = _dp_strategy(cfg, dataset) if cfg.dp.enabled else None
         ckpt = out.parent / f"{out.name}.ckpt"
+        if cfg.training.nproc > 1:
+            from synth.distributed import launch_training
+
+            return launch_training(dataset, out, train_cfg, nproc=cfg.training.nproc,
+                                   dp=_dp_config(cfg).to_dict() if cfg.dp.enabled else None,
+                                   backend=cfg.training.backend, resume=ckpt.exists(), checkpoint_dir=ckpt,
+                                   progress=_interactive())
+        privacy = _dp_strategy(cfg, dataset) if cfg.dp.enabled else None
         return train(dataset, out, train_cfg, privacy=privacy, resume=ckpt.exists(), checkpoint_dir=ckpt,
                      progress=_interactive())
 
@@ -171,50 +198,115 @@ def _interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def _dp_strategy(cfg: ReleaseConfig, dataset: Path) -> Any:
-    from privacy.dp import DPConfig, make_strategy
-    from synth.data.canonical import load_dataset
+def _dp_config(cfg: ReleaseConfig) -> Any:
+    from privacy.dp import DPConfig
 
     dp = cfg.dp
+    return DPConfig(target_epsilon=dp.epsilon, target_delta=dp.delta, max_grad_norm=dp.max_grad_norm,
+                    accountant=dp.accountant, noise_multiplicity=dp.noise_multiplicity,
+                    max_physical_batch_size=dp.max_physical_batch_size)
+
+
+def _dp_strategy(cfg: ReleaseConfig, dataset: Path) -> Any:
+    from privacy.dp import make_strategy
+    from synth.data.canonical import load_dataset
+
     n_train = int(load_dataset(dataset).header["counts"]["train"])
-    return make_strategy(
-        DPConfig(target_epsilon=dp.epsilon, target_delta=dp.delta, max_grad_norm=dp.max_grad_norm,
-                 accountant=dp.accountant, noise_multiplicity=dp.noise_multiplicity,
-                 max_physical_batch_size=dp.max_physical_batch_size),
-        dataset_size=n_train,
-    )
+    return make_strategy(_dp_config(cfg), dataset_size=n_train)
 
 
-def generate_stage(cfg: ReleaseConfig, model: Path) -> Path:
-    """The synthetic set, every image's seed recorded."""
-    from synth.generate import generate
+def _generation_config(cfg: ReleaseConfig) -> dict[str, Any]:
     from synth.sampling import DEFAULT_SAMPLER
 
-    g = cfg.generate
-    config = {**g.model_dump(mode="json"), "sampler": g.sampler or DEFAULT_SAMPLER}
+    return {**cfg.generate.model_dump(mode="json"), "sampler": cfg.generate.sampler or DEFAULT_SAMPLER}
+
+
+def generate_stage(cfg: ReleaseConfig, model: Path, *, shard_index: int = 0, shard_count: int = 1) -> Path:
+    """The synthetic set (or one shard of it: images i with i % shard_count == shard_index), every image's seed
+    recorded."""
+    from synth.generate import generate
+
+    g, config = cfg.generate, _generation_config(cfg)
+    name = SYNTHETIC if shard_count == 1 else shard_name(SYNTHETIC, shard_index, shard_count)
     return run_stage(
-        cfg.workdir, SYNTHETIC, inputs={"model": artifact_hash(model)}, config=config,
+        cfg.workdir, name, inputs={"model": artifact_hash(model)},
+        config={**config, "shard_index": shard_index, "shard_count": shard_count} if shard_count > 1 else config,
         build=lambda out: generate(
-            model, out, n=None if g.per_class else g.n, per_class=g.per_class, sampler=g.sampler or DEFAULT_SAMPLER,
+            model, out, n=None if g.per_class else g.n, per_class=g.per_class, sampler=config["sampler"],
             steps=g.steps, guidance_scale=g.guidance_scale, batch_size=g.batch_size, seed=g.seed,
-            device=cfg.device, progress=_interactive(),
+            shard_index=shard_index, shard_count=shard_count, device=cfg.device,
+            progress=_interactive() and shard_count == 1,
         ),
     )
 
 
-def privacy_audit_stage(cfg: ReleaseConfig, dataset: Path, synthetic: Path, model: Path) -> tuple[Path, Path]:
-    """Memorization, disclosure, the DP ledger check (and membership inference); returns (audit dir, the set to
-    release: the synthetic set without flagged images and with k-anonymity suppression when `filter_flagged`)."""
-    from privacy.audit import PrivacyAuditConfig, audit_privacy
+def merge_synthetic_stage(cfg: ReleaseConfig, model: Path, shards: Sequence[Path]) -> Path:
+    """The synthetic set from its shards: byte-identical to the single-shard run with the same seed."""
+    from synth.generate import merge_shards
 
-    audit_cfg = build_config(PrivacyAuditConfig, cfg.privacy_audit, "privacy_audit")
+    if len(shards) == 1 and Path(shards[0]).name == SYNTHETIC:
+        return Path(shards[0])
+    return run_stage(
+        cfg.workdir, SYNTHETIC,
+        inputs={"model": artifact_hash(model), **{f"shard{i}": artifact_hash(p) for i, p in enumerate(shards)}},
+        config={**_generation_config(cfg), "merged_from": len(shards)},
+        build=lambda out: merge_shards(list(shards), out),
+    )
+
+
+def _privacy_audit_config(cfg: ReleaseConfig) -> Any:
+    from privacy.audit import PrivacyAuditConfig
+
+    return build_config(PrivacyAuditConfig, cfg.privacy_audit, "privacy_audit")
+
+
+def privacy_reference_stage(cfg: ReleaseConfig, dataset: Path) -> Path:
+    """What every memorization shard compares against: the copy-detection encoder, the real embeddings and the
+    thresholds calibrated on real holdout images. Needs only the real data: runs beside the generator's training."""
+    from privacy.audit import prepare_privacy_reference
+
+    audit_cfg = _privacy_audit_config(cfg)
+    return run_stage(
+        cfg.workdir, PRIVACY_REFERENCE, inputs={"dataset": artifact_hash(dataset)},
+        config=audit_cfg.model_dump(mode="json"),
+        build=lambda out: prepare_privacy_reference(dataset, out, config=audit_cfg),
+    )
+
+
+def memorization_shard_stage(cfg: ReleaseConfig, reference: Path, synthetic: Path, shard_index: int,
+                             shard_count: int) -> Path:
+    """Nearest training images of one shard of the synthetic set, in every space."""
+    from privacy.audit import search_synthetic_shard
+
+    return run_stage(
+        cfg.workdir, shard_name(PRIVACY, shard_index, shard_count),
+        inputs={"reference": artifact_hash(reference), "synthetic": artifact_hash(synthetic)},
+        config={"shard_index": shard_index, "shard_count": shard_count},
+        build=lambda out: search_synthetic_shard(reference, synthetic, out, shard_index=shard_index,
+                                                 shard_count=shard_count),
+    )
+
+
+def privacy_audit_stage(cfg: ReleaseConfig, dataset: Path, synthetic: Path, model: Path, *,
+                        reference: Path | None = None, shards: Sequence[Path] | None = None) -> tuple[Path, Path]:
+    """Memorization (merged from its shards when given), disclosure, the DP ledger check and membership
+    inference; returns (audit dir, the set to release: the synthetic set without flagged images and with
+    k-anonymity suppression when `filter_flagged`)."""
+    from privacy.audit import audit_privacy
+
+    audit_cfg = _privacy_audit_config(cfg)
     released = cfg.workdir / RELEASED
     inputs = {"dataset": artifact_hash(dataset), "synthetic": artifact_hash(synthetic), "model": artifact_hash(model)}
+    if reference is not None:
+        inputs["reference"] = artifact_hash(reference)
+    for i, shard in enumerate(shards or ()):
+        inputs[f"shard{i}"] = artifact_hash(shard)
     audit = run_stage(
         cfg.workdir, PRIVACY, inputs=inputs,
         config={"audit": audit_cfg.model_dump(mode="json"), "filter": cfg.filter_flagged},
         build=lambda out: audit_privacy(dataset, synthetic, out, model_dir=model, config=audit_cfg,
-                                        filter_out=released if cfg.filter_flagged else None),
+                                        filter_out=released if cfg.filter_flagged else None,
+                                        reference=reference, shards=list(shards) if shards else None),
         extra_outputs=(released,) if cfg.filter_flagged else (),
     )
     if not cfg.filter_flagged:
@@ -224,15 +316,43 @@ def privacy_audit_stage(cfg: ReleaseConfig, dataset: Path, synthetic: Path, mode
     return audit, released
 
 
-def utility_audit_stage(cfg: ReleaseConfig, dataset: Path, released: Path) -> Path:
-    """TRTR/TRTS/TSTR/augmentation and fidelity of the set to be released."""
-    from reports.utility import UtilityConfig, audit_utility
+def _utility_config(cfg: ReleaseConfig) -> Any:
+    from reports.utility import UtilityConfig
 
-    util_cfg = build_config(UtilityConfig, cfg.utility_audit, "utility_audit")
+    return build_config(UtilityConfig, cfg.utility_audit, "utility_audit")
+
+
+def utility_jobs(cfg: ReleaseConfig, dataset: Path, released: Path) -> list[str]:
+    """The utility audit's independent classifier trainings (TRTR, TSTR, one per augmentation ratio)."""
+    from reports.utility import plan_classifier_jobs
+
+    return plan_classifier_jobs(dataset, released, config=_utility_config(cfg))
+
+
+def utility_job_stage(cfg: ReleaseConfig, dataset: Path, released: Path, name: str) -> Path:
+    """One classifier of the utility audit, trained and scored."""
+    from reports.utility import run_classifier_job
+
+    util_cfg = _utility_config(cfg)
     return run_stage(
-        cfg.workdir, UTILITY, inputs={"dataset": artifact_hash(dataset), "released": artifact_hash(released)},
+        cfg.workdir, f"{UTILITY}-job-{name}",
+        inputs={"dataset": artifact_hash(dataset), "released": artifact_hash(released)},
         config=util_cfg.model_dump(mode="json"),
-        build=lambda out: audit_utility(dataset, released, out, config=util_cfg),
+        build=lambda out: run_classifier_job(dataset, released, name, out, config=util_cfg),
+    )
+
+
+def utility_audit_stage(cfg: ReleaseConfig, dataset: Path, released: Path,
+                        jobs: Mapping[str, Path] | None = None) -> Path:
+    """TRTR/TRTS/TSTR/augmentation and fidelity of the set to be released (from its classifier jobs when given)."""
+    from reports.utility import audit_utility
+
+    util_cfg = _utility_config(cfg)
+    inputs = {"dataset": artifact_hash(dataset), "released": artifact_hash(released)}
+    inputs.update({f"job-{name}": artifact_hash(path) for name, path in (jobs or {}).items()})
+    return run_stage(
+        cfg.workdir, UTILITY, inputs=inputs, config=util_cfg.model_dump(mode="json"),
+        build=lambda out: audit_utility(dataset, released, out, config=util_cfg, jobs=jobs),
     )
 
 

@@ -285,3 +285,85 @@ def test_dp_release_carries_a_checked_epsilon(released):
     with pytest.raises(Exception, match=r"blocked by the gate: ε [0-9.]+ > 1"):
         release(config=strict)
     assert not (tmp / "releases-dp-strict").exists()
+
+
+def _same_bytes(a, b, names):
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
+@pytest.mark.slow
+def test_release_on_a_dask_local_cluster_equals_the_single_shard_run(released, tmp_path):
+    """The release flow on a real Dask LocalCluster of 2 worker processes: generation and the memorization search
+    are split into 2 shards, the utility classifiers are mapped, and the merged outputs are byte-identical to
+    single-shard runs with the same seed and thread count."""
+    import shutil
+
+    from flows.release import release
+    from flows.release_config import RunnerSettings
+    from flows.runners import task_threads
+    from flows.stages import generate_stage
+    from privacy.audit import PrivacyAuditConfig, audit_privacy
+    from reports.utility import UtilityConfig, audit_utility
+
+    tmp, cfg, _ = released
+    work = tmp_path / "work"
+    (work / ".stages").mkdir(parents=True)
+    for name in ("dataset", "validation", "model"):  # the trained generator is reused; everything after reruns
+        shutil.copytree(tmp / "work" / name, work / name)
+        shutil.copy(tmp / "work" / ".stages" / f"{name}.json", work / ".stages")
+    dask_cfg = cfg.model_copy(update={
+        "workdir": work, "releases_dir": tmp_path / "releases",
+        "runner": RunnerSettings(kind="dask", workers=2, threads_per_worker=1),
+    })
+    result = release(config=dask_cfg)
+    assert result.status == "published"
+    assert verify_bundle(result.bundle, load_public_key(tmp / "keys" / "release.pub"))
+    for stage in ("synthetic", "audit-privacy"):
+        assert {p.name for p in work.glob(f"{stage}-shard-*")} == {f"{stage}-shard-0-of-2", f"{stage}-shard-1-of-2"}
+    assert sorted(p.name for p in work.glob("audit-utility-job-*")) == ["audit-utility-job-augmentation-1",
+                                                                         "audit-utility-job-trtr",
+                                                                         "audit-utility-job-tstr"]
+    with task_threads(dask_cfg.runner):  # the workers' torch and faiss thread count, in this process
+        single = generate_stage(cfg.model_copy(update={"workdir": tmp_path / "single"}), work / "model")
+        audit = audit_privacy(work / "dataset", work / "synthetic", tmp_path / "audit", model_dir=work / "model",
+                              config=PrivacyAuditConfig.model_validate(cfg.privacy_audit))
+        utility = audit_utility(work / "dataset", work / "synthetic-released", tmp_path / "utility",
+                                config=UtilityConfig.model_validate(cfg.utility_audit))
+    assert _same_bytes(single, work / "synthetic", ["images.npy", "metadata.parquet"])
+    assert load_dataset(work / "synthetic").content_hash == load_dataset(single).content_hash
+    assert _same_bytes(audit, work / "audit-privacy", ["memorization.parquet", "holdout_distances.parquet"])
+    merged_u = json.loads((work / "audit-utility" / "utility.json").read_text())
+    single_u = json.loads((utility / "utility.json").read_text())
+    for body in (merged_u, single_u):
+        for key in ("timings", "created"):
+            body.pop(key, None)
+    assert merged_u == single_u
+
+
+@pytest.mark.slow
+def test_release_trains_with_two_processes_from_its_prefect_task(released, tmp_path):
+    """`training.nproc: 2` makes the release's train task launch torchrun (gloo here) instead of training
+    in-process; the model directory is the usual one and records the world size."""
+    import shutil
+
+    from prefect import flow
+
+    from flows.release import train_task
+    from flows.release_config import TrainingLaunchSettings
+    from synth.pipeline import read_model_card
+
+    tmp, cfg, _ = released
+    work = tmp_path / "work"
+    (work / ".stages").mkdir(parents=True)
+    shutil.copytree(tmp / "work" / "dataset", work / "dataset")
+    two = cfg.model_copy(update={"workdir": work, "training": TrainingLaunchSettings(nproc=2, backend="gloo"),
+                                 "train": cfg.train.model_copy(update={"max_steps": 4, "checkpoint_every": None})})
+
+    @flow(name="train-only")
+    def train_only(c, dataset):
+        return train_task(c, dataset)
+
+    model = train_only(two, work / "dataset")
+    card = read_model_card(model)
+    assert card["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert card["steps"] == 4 and card["examples_seen"] > 0
