@@ -33,13 +33,20 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from privacy.grad_sample import fold_noise_multiplicity, install_contiguity_guard, use_grouped_conv_sampler
+from privacy.grad_sample import (
+    fold_noise_multiplicity,
+    install_contiguity_guard,
+    use_fast_grad_samples,
+    use_grouped_conv_sampler,
+)
 from privacy.ledger import ACCOUNTANTS, build_ledger, epsilon_for_events, events_from_history
 from synth.errors import ConfigError, where
 
 # Per-sample gradient modes, all checked against an autograd loop for the shipped UNets (tests/test_dp.py):
-#   "hooks"        Opacus hooks; nn.Conv2d per-sample gradients from one grouped convolution backward
-#                  (privacy.grad_sample.conv2d_grad_sample: layout-safe, no unfold). Fastest by measurement.
+#   "hooks"        synthgate's per-sample hooks in place of Opacus' (privacy.grad_sample.use_fast_grad_samples):
+#                  no discarded batch weight gradients, nn.Conv2d per-sample gradients from one grouped
+#                  convolution backward (layout-safe, no unfold), the K draws of an example averaged as its
+#                  gradient is computed. Fastest by measurement.
 #   "hooks_unfold" Opacus hooks with Opacus' own unfold-based Conv2d sampler + the Conv2d contiguity guard.
 #   "functorch"    Opacus functorch (per-layer vmap; redoes each layer's forward).
 # "ew" fails on diffusers; "ghost" clips per row from a per-row loss, so it can neither take the trainer's
@@ -243,8 +250,10 @@ class DPStrategy:
             # make_private's distributed one is dropped unused (see the module docstring).
             dp_loader = DPDataLoader.from_data_loader(data_loader, distributed=False)
             dp_optimizer.reduce_gradients = functools.partial(_reduce_gradients_flat, dp_optimizer)
-        if self.config.grad_sample_mode == "hooks":
-            use_grouped_conv_sampler(dp_model)
+        if self.config.grad_sample_mode == "hooks" and not use_fast_grad_samples(
+            dp_model, noise_multiplicity=self.noise_multiplicity
+        ):
+            use_grouped_conv_sampler(dp_model)  # a layer type the fast hooks do not cover: Opacus' hooks stay
         if self.config.max_physical_batch_size is not None:
             # Always wrapping is harmless: a Poisson batch at or under the limit passes through as one chunk.
             dp_loader = PhysicalBatches(dp_loader, max_batch_size=self.config.max_physical_batch_size, strategy=self)
