@@ -89,14 +89,14 @@ def main() -> None:
 
     from distributed import Client, LocalCluster
 
-    from reports.utility import plan_classifier_jobs
+    from reports.utility import UtilityConfig, plan_classifier_jobs
 
     utility_cfg = {"classifier": {"epochs": 2, "threads": 1}, "ratios": [1.0], "fidelity": False, "n_boot": 50}
     rows = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         real, model, synthetic, reference = _prepare(args, tmp)
-        jobs = plan_classifier_jobs(real, synthetic, config=None)
+        jobs = plan_classifier_jobs(real, synthetic, config=UtilityConfig.model_validate(utility_cfg))
         for w in args.workers:
             with LocalCluster(n_workers=w, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
                     Client(cluster) as client:
