@@ -4,17 +4,30 @@ statistics that check a sampler's output against the training data.
 Every sampler is built from the *trained* `DDPMScheduler` config (betas, prediction type, clip range) with
 `from_config`, so a model trained with one noise schedule is never sampled with another.
 
-DPM-Solver++ in pixel space, measured on a tiny UNet trained on PneumoniaMNIST for 600 / 1000 / 2000 steps
-(data: intensity std 0.168 in [0, 1]): the ODE solver with diffusers' defaults drifts into saturated noise
-(std 0.30-0.43, 16-60% saturated pixels); x0 thresholding (`thresholding=True, sample_max_value=1.0`, i.e.
-clipping each x0 prediction to [-1, 1]) helps but is not enough for a briefly trained model (std 0.29 at 600
-and 1000 steps, 0.22 at 2000). Solver order, Heun, Karras / log-SNR spacing, `euler_at_final` and
-`lambda_min_clipped` changed nothing. Why DDIM does fine: it clips x0 but keeps the *raw* epsilon for the
-direction term, whereas DPM-Solver++ (even at order 1) is consistent with the clipped x0, so the model's error
-stays in the sample as residual noise. The stochastic variant, SDE-DPM-Solver++ (2M), re-injects noise each step
-and matched the data best of all fast samplers (std 0.172 vs DDPM-1000's 0.171, W1 0.008 at 20 steps), so it is
-the shipped DPM-Solver++ recipe and the default. `intensity_problems` is the check that catches a sampler that
-drifts: tests run it on every shipped config against a briefly trained model.
+Measured on the demo model (`small` preset, 400 steps, PneumoniaMNIST 28x28; 600 images per sampler with the same
+seeds; FID in the utility audit's classifier space; `benchmarks/bench_sampler_fid.py`):
+
+- Deterministic (ODE) samplers fail on a briefly trained pixel-space model whatever the solver: DPM-Solver++ of
+  order 1, 2 or 3, UniPC and DEIS all give FID ~39 with x0 thresholding and ~300 without, and so does DDIM
+  *without* x0 clipping (~340). The fault is the model's probability-flow ODE, not the discretisation: at high
+  noise the model's epsilon error is amplified by sigma/alpha into x0 (88% of the x0 pixels lie outside [-1, 1] at
+  t = 999) and the ODE carries it along as signal. DDIM survives because it clips x0 but keeps the *raw* epsilon
+  for its direction term (it is then no longer an ODE solver); DPM-Solver++ stays consistent with the clipped x0
+  and keeps the error. Scheduler options do not close the gap: `euler_at_final` and `lower_order_final` change
+  nothing here (a "zero" final sigma already forces a first-order last step; `lower_order_final` acts below 15
+  steps only), timestep or log-SNR spacing change little, `final_sigmas_type="sigma_min"` is worse; the best ODE
+  config, Karras noise levels with dynamic thresholding (`sample_max_value=5`), reached FID 11.4 against DDIM-50's
+  4.28.
+- SDE-DPM-Solver++ (2M) replaces part of the carried state with fresh noise at every step and does not drift.
+  With Karras noise levels (`step_schedule="karras"`: dense at low noise and ending at the smallest training
+  noise level, where timestep spacing stops at t = 49 for 20 steps) it beats DDIM-50: FID 2.0-2.8 at 12 steps and
+  2.7-2.9 at 20 over two generation seeds, against 4.28 for DDIM-50 and 6.8-7.6 for the previous default
+  (`sde-dpmsolver++-20`, timestep spacing); on a model trained 3x longer 0.09 at 12 steps vs DDIM-50's 1.49.
+  Twelve steps is the fewest that also kept TRTS >= 0.9, precision and the intensity check below with margin (at
+  10 steps the tests' tiny model sits at the check's std limit; at 8 TRTS fell to 0.80), hence the default.
+
+`intensity_problems` is the check that catches a sampler that drifts: tests run it on every shipped config against
+a briefly trained model.
 """
 
 from __future__ import annotations
@@ -25,13 +38,17 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from synth.errors import ConfigError
 
 SamplerName = Literal["ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++"]
 SAMPLER_NAMES: tuple[str, ...] = ("ddpm", "ddim", "dpmsolver++", "sde-dpmsolver++")
-_NAME_STEPS = re.compile(r"(ddpm|ddim|dpmsolver\+\+|sde-dpmsolver\+\+)(?:-(\d+))?")
+StepSchedule = Literal["timesteps", "karras", "lu"]
+STEP_SCHEDULES: tuple[str, ...] = ("timesteps", "karras", "lu")
+# ALGORITHM[-SCHEDULE][-STEPS], e.g. 'ddim', 'ddim-10', 'sde-dpmsolver++-karras-20'
+_NAME_STEPS = re.compile(r"(ddpm|ddim|dpmsolver\+\+|sde-dpmsolver\+\+)(?:-(karras|lu))?(?:-(\d+))?")
+_DPM = ("dpmsolver++", "sde-dpmsolver++")
 Spacing = Literal["leading", "linspace", "trailing"]
 
 
@@ -40,7 +57,9 @@ class SamplerConfig(BaseModel):
 
     Fields left `None` take the sampler's default: `timestep_spacing` is the trained config's for DDPM and
     "trailing" for DDIM/DPM-Solver++ (so few-step samplers start at the last training timestep, from pure
-    noise); `clip_sample` is the trained config's.
+    noise); `clip_sample` is the trained config's. `step_schedule` picks the noise levels DPM-Solver++ steps
+    through: "timesteps" (training timesteps with `timestep_spacing`), "karras" (Karras et al. 2022, rho = 7: dense
+    at low noise, down to the smallest training noise level) or "lu" (uniform in log-SNR, Lu et al. 2022).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -64,11 +83,28 @@ class SamplerConfig(BaseModel):
     final_sigmas_type: Literal["zero", "sigma_min"] = "zero"
     # None = diffusers' default (-inf, no clipping of the log-SNR).
     lambda_min_clipped: float | None = None
+    # (SDE-)DPM-Solver++ only: the noise levels stepped through, and the second-order update's form.
+    step_schedule: StepSchedule = "timesteps"
+    solver_type: Literal["midpoint", "heun"] = "midpoint"
+
+    @model_validator(mode="after")
+    def _dpm_only_options(self) -> SamplerConfig:
+        if self.name not in _DPM:
+            for field, default in (("step_schedule", "timesteps"), ("solver_type", "midpoint")):
+                if getattr(self, field) != default:
+                    raise ValueError(f"{field}={getattr(self, field)!r} applies to dpmsolver++ and "
+                                     f"sde-dpmsolver++ only, not {self.name}")
+        elif self.step_schedule != "timesteps" and self.timestep_spacing is not None:
+            # diffusers derives the timesteps from the Karras / log-SNR noise levels and ignores the spacing
+            raise ValueError(f"timestep_spacing={self.timestep_spacing!r} has no effect with "
+                             f"step_schedule={self.step_schedule!r}; leave it unset")
+        return self
 
     @property
     def label(self) -> str:
-        """Short name such as 'ddim-25' (what `SAMPLERS` is keyed by for the shipped configs)."""
-        return f"{self.name}-{self.steps}"
+        """Short name such as 'ddim-25' or 'sde-dpmsolver++-karras-20' (what `SAMPLERS` is keyed by)."""
+        schedule = "" if self.step_schedule == "timesteps" else f"-{self.step_schedule}"
+        return f"{self.name}{schedule}-{self.steps}"
 
     def build_scheduler(self, trained_config: Mapping[str, Any]):  # -> diffusers SchedulerMixin
         """A fresh scheduler for this sampler, built from the trained DDPM scheduler config."""
@@ -92,18 +128,22 @@ class SamplerConfig(BaseModel):
             base,
             algorithm_type=self.name,
             solver_order=self.solver_order,
+            solver_type=self.solver_type,
             thresholding=self.thresholding,
             sample_max_value=self.sample_max_value,
             lower_order_final=self.lower_order_final,
             euler_at_final=self.euler_at_final,
             final_sigmas_type=self.final_sigmas_type,
             timestep_spacing=spacing,
+            use_karras_sigmas=self.step_schedule == "karras",
+            use_lu_lambdas=self.step_schedule == "lu",
             variance_type=None,
             **extra,
         )
 
 
 # The shipped recipes. Each one's intensity statistics are checked against real data in tests/test_sampling.py.
+# Names already shipped keep their exact numerics: release configs name them.
 SAMPLERS: dict[str, SamplerConfig] = {
     cfg.label: cfg
     for cfg in (
@@ -111,34 +151,36 @@ SAMPLERS: dict[str, SamplerConfig] = {
         SamplerConfig(name="ddim", steps=50),
         SamplerConfig(name="ddim", steps=25),
         SamplerConfig(name="sde-dpmsolver++", steps=20),
+        SamplerConfig(name="sde-dpmsolver++", steps=12, step_schedule="karras"),
+        SamplerConfig(name="sde-dpmsolver++", steps=20, step_schedule="karras"),
     )
 }
-# Fastest shipped config (20 network evaluations per image) that matched the training data's intensity statistics
-# at <= 25 steps; it also matched them best (see the module docstring).
-DEFAULT_SAMPLER = "sde-dpmsolver++-20"
+# The fastest shipped config that measured as good as DDIM-50 (module docstring; benchmarks/bench_sampler_fid.py).
+DEFAULT_SAMPLER = "sde-dpmsolver++-karras-12"
 
 
 def resolve_sampler(
     sampler: str | SamplerConfig, *, steps: int | None = None, guidance_scale: float | None = None
 ) -> SamplerConfig:
-    """A `SamplerConfig` from a shipped name ('ddim-25'), an algorithm with steps ('dpmsolver++-20'), a bare
-    algorithm ('ddim': its shipped steps) or a config; `steps` / `guidance_scale` override. Unknown names and
-    out-of-range values raise ConfigError."""
+    """A `SamplerConfig` from a shipped name ('ddim-25'), an algorithm with an optional step schedule and steps
+    ('dpmsolver++-20', 'sde-dpmsolver++-karras-15': the shipped numerics of that algorithm and schedule, if any),
+    a bare algorithm ('ddim': its shipped steps) or a config; `steps` / `guidance_scale` override. Unknown names
+    and out-of-range values raise ConfigError."""
     if isinstance(sampler, SamplerConfig):
         fields = sampler.model_dump()
     elif sampler in SAMPLERS:
         fields = SAMPLERS[sampler].model_dump()
     elif (m := _NAME_STEPS.fullmatch(str(sampler))) is not None:
-        # 'ddim' or 'ddim-10': the shipped numerics for that algorithm, with these steps
-        algo, n_steps = m.group(1), m.group(2)
-        shipped = [c for c in SAMPLERS.values() if c.name == algo]
-        fields = shipped[0].model_dump() if shipped else {"name": algo, "steps": 20}
+        algo, schedule, n_steps = m.group(1), m.group(2) or "timesteps", m.group(3)
+        shipped = [c for c in SAMPLERS.values() if c.name == algo and c.step_schedule == schedule]
+        fields = shipped[0].model_dump() if shipped else {"name": algo, "steps": 20, "step_schedule": schedule}
         if n_steps is not None:
             fields["steps"] = int(n_steps)
     else:
         known = [*SAMPLERS, *SAMPLER_NAMES]
         raise ConfigError(
-            f"unknown sampler {sampler!r}; known: {', '.join(known)} (or ALGORITHM-STEPS, e.g. ddim-10)"
+            f"unknown sampler {sampler!r}; known: {', '.join(known)} "
+            "(or ALGORITHM[-karras|-lu][-STEPS], e.g. ddim-10)"
         )
     if steps is not None:
         fields["steps"] = steps
@@ -149,6 +191,8 @@ def resolve_sampler(
     except ValidationError as e:  # one line naming the field and its bad value
         first = e.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
+        if not field:  # a check across fields: its message names them
+            raise ConfigError(f"sampler {fields.get('name')}: {first['msg'].removeprefix('Value error, ')}") from None
         raise ConfigError(f"sampler {field}={fields.get(field)!r}: {first['msg']}") from None
 
 

@@ -22,6 +22,11 @@ from tests.model_fixtures import make_model_dir, real_train_images, train_briefl
 torch.set_num_threads(1)
 
 
+def _public(config) -> dict:
+    """A scheduler config without diffusers' bookkeeping keys (`_class_name`, `_use_default_values`, ...)."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
 def _ddpm_config(**kw):
     from diffusers import DDPMScheduler
 
@@ -87,6 +92,132 @@ def test_resolve_sampler_names_overrides_and_errors():
         resolve_sampler("ddim-25", guidance_scale=-1.0)
     with pytest.raises(ConfigError, match="2000 steps > the model's 1000"):
         SamplerConfig(name="ddpm", steps=2000).build_scheduler(_ddpm_config())
+
+
+def test_previously_shipped_names_keep_their_exact_numerics():
+    # Release configs name these: a new default must not change what they sample.
+    old = SAMPLERS["sde-dpmsolver++-20"]
+    assert (old.step_schedule, old.solver_type, old.solver_order) == ("timesteps", "midpoint", 2)
+    assert old.thresholding is True
+    sched = old.build_scheduler(_ddpm_config())
+    assert sched.config.use_karras_sigmas is False and sched.config.use_lu_lambdas is False
+    assert sched.config.solver_type == "midpoint" and sched.config.timestep_spacing == "trailing"
+    sched.set_timesteps(20)
+    assert sched.timesteps.tolist() == list(range(999, 0, -50))
+    assert resolve_sampler("sde-dpmsolver++") == old  # bare algorithm: its shipped timestep-spaced recipe
+    assert resolve_sampler("sde-dpmsolver++-25").model_dump() == {**old.model_dump(), "steps": 25}
+    # a dump written before step_schedule / solver_type existed still reads as the same config
+    legacy = {k: v for k, v in old.model_dump().items() if k not in ("step_schedule", "solver_type")}
+    assert SamplerConfig.model_validate(legacy) == old
+
+
+def test_default_sampler_is_sde_dpmsolver_with_karras_noise_levels():
+    cfg = SAMPLERS[DEFAULT_SAMPLER]
+    assert cfg.label == DEFAULT_SAMPLER == "sde-dpmsolver++-karras-12"
+    assert (cfg.name, cfg.steps, cfg.step_schedule, cfg.solver_type) == ("sde-dpmsolver++", 12, "karras", "midpoint")
+    assert cfg.steps <= 25 and cfg.thresholding is True
+    assert resolve_sampler("sde-dpmsolver++-karras") == cfg  # bare algorithm + schedule: the shipped recipe
+    assert resolve_sampler("sde-dpmsolver++-karras-20") == SAMPLERS["sde-dpmsolver++-karras-20"]
+    assert resolve_sampler("sde-dpmsolver++-karras-16") == cfg.model_copy(update={"steps": 16})
+
+
+@pytest.mark.parametrize("schedule", ["karras", "lu"])
+def test_step_schedule_sets_the_noise_levels(schedule):
+    from diffusers import DDPMScheduler
+
+    trained = _ddpm_config()
+    cfg = SamplerConfig(name="sde-dpmsolver++", steps=20, step_schedule=schedule)
+    assert cfg.label == f"sde-dpmsolver++-{schedule}-20"
+    sched = cfg.build_scheduler(trained)
+    assert sched.config.use_karras_sigmas is (schedule == "karras")
+    assert sched.config.use_lu_lambdas is (schedule == "lu")
+    sched.set_timesteps(20)
+    ref = DDPMScheduler.from_config(trained).alphas_cumprod
+    train_sigmas = ((1 - ref) / ref).sqrt()
+    sigmas = sched.sigmas[:-1]
+    # from the largest training noise level down to the smallest (timestep spacing stops at t=49 for 20 steps)
+    assert sigmas[0] == pytest.approx(float(train_sigmas[-1]), rel=1e-4)
+    assert sigmas[-1] == pytest.approx(float(train_sigmas[0]), rel=1e-3)
+    assert int(sched.timesteps[0]) == 999 and int(sched.timesteps[-1]) == 0
+    assert bool((sigmas[1:] < sigmas[:-1]).all())
+    default = SamplerConfig(name="sde-dpmsolver++", steps=20).build_scheduler(trained)
+    default.set_timesteps(20)
+    assert int(default.timesteps[-1]) == 49  # what the schedule changes
+    with pytest.raises(ValueError, match="timestep_spacing='linspace' has no effect"):
+        SamplerConfig(name="sde-dpmsolver++", steps=20, step_schedule=schedule, timestep_spacing="linspace")
+
+
+def test_dpm_only_options_are_refused_for_other_samplers():
+    with pytest.raises(ValueError, match="step_schedule='karras' applies to dpmsolver"):
+        SamplerConfig(name="ddim", steps=20, step_schedule="karras")
+    with pytest.raises(ValueError, match="solver_type='heun' applies to dpmsolver"):
+        SamplerConfig(name="ddpm", steps=20, solver_type="heun")
+    with pytest.raises(ConfigError, match="sampler ddim: step_schedule='lu' applies"):
+        resolve_sampler("ddim-lu-20")
+    with pytest.raises(ConfigError, match="unknown sampler 'sde-dpmsolver\\+\\+-exp-20'"):
+        resolve_sampler("sde-dpmsolver++-exp-20")
+
+
+def test_solver_type_changes_the_second_order_update():
+    # heun and midpoint differ only in the multistep correction term: same first step, different second step
+    steps = []
+    for solver_type in ("midpoint", "heun"):
+        cfg = SamplerConfig(name="dpmsolver++", steps=10, step_schedule="karras", solver_type=solver_type)
+        sched = cfg.build_scheduler(_ddpm_config())
+        assert sched.config.solver_type == solver_type
+        sched.set_timesteps(cfg.steps)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 1, 8, 8, generator=g)
+        outs = []
+        for t in sched.timesteps[:2]:
+            x = sched.step(0.1 * torch.randn(x.shape, generator=g), t, x).prev_sample
+            outs.append(x.clone())
+        steps.append(outs)
+    torch.testing.assert_close(steps[0][0], steps[1][0])
+    assert not torch.allclose(steps[0][1], steps[1][1])
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_shipped_sampler_config_round_trips_through_diffusers_config_json(tmp_path, name):
+    import diffusers
+
+    cfg = SAMPLERS[name]
+    assert SamplerConfig.model_validate_json(cfg.model_dump_json()) == cfg
+    sched = cfg.build_scheduler(_ddpm_config())
+    sched.save_config(tmp_path)
+    loaded = getattr(diffusers, type(sched).__name__).from_pretrained(tmp_path)
+    assert _public(loaded.config) == _public(sched.config)
+    sched.set_timesteps(cfg.steps)
+    loaded.set_timesteps(cfg.steps)
+    assert torch.equal(loaded.timesteps, sched.timesteps)
+    if hasattr(sched, "sigmas"):
+        assert torch.equal(loaded.sigmas, sched.sigmas)
+
+
+def test_pipeline_with_the_default_sampler_saves_and_reloads_it(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from synth.model import build_unet, preset
+    from synth.pipeline import ConditionalDiffusionPipeline
+
+    torch.manual_seed(0)
+    pipe = ConditionalDiffusionPipeline(
+        unet=build_unet(preset("tiny")), scheduler=DDPMScheduler(num_train_timesteps=1000, clip_sample=True)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.set_sampler(resolve_sampler(DEFAULT_SAMPLER, steps=4))
+
+    def gens():
+        return [torch.Generator().manual_seed(s) for s in (1, 2)]
+
+    before = pipe([0, 1], generator=gens())
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = ConditionalDiffusionPipeline.from_pretrained(tmp_path / "p")
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert _public(loaded.scheduler.config) == _public(pipe.scheduler.config)
+    assert loaded.scheduler.config.use_karras_sigmas is True
+    np.testing.assert_array_equal(before, loaded([0, 1], num_inference_steps=4, generator=gens()))
 
 
 # --- intensity statistics -----------------------------------------------------------------------------------
