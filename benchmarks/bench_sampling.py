@@ -19,7 +19,8 @@ import time
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=16, help="images per sampler (one batch)")
-    parser.add_argument("--samplers", default="ddpm-1000,ddim-50,sde-dpmsolver++-20,dpmsolver++-20")
+    parser.add_argument("--samplers",
+                        default="ddpm-1000,ddim-50,sde-dpmsolver++-karras-12,sde-dpmsolver++-20,dpmsolver++-20")
     parser.add_argument("--guidance", default="1.0,3.0", help="guidance scales to measure (1.0 = no CFG)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", default=None, help="a model directory (default: random `small` UNet)")

@@ -47,9 +47,8 @@ def register(app: typer.Typer) -> None:
         sampler: str | None = typer.Option(
             None,
             "--sampler",
-            help="sde-dpmsolver++-karras-12 (default), sde-dpmsolver++-karras-20, sde-dpmsolver++-20, ddim-25, "
-            "ddim-50, ddpm-1000, or ALGORITHM[-karras|-lu][-STEPS] with ALGORITHM one of ddpm, ddim, dpmsolver++, "
-            "sde-dpmsolver++.",
+            help="sde-dpmsolver++-karras-12 (default), sde-dpmsolver++-20, ddim-25, ddim-50, ddpm-1000, or "
+            "ALGORITHM[-karras|-lu][-STEPS] with ALGORITHM one of ddpm, ddim, dpmsolver++, sde-dpmsolver++.",
         ),
         steps: int | None = typer.Option(None, "--steps", help="Override the sampler's number of steps."),
         guidance_scale: float | None = typer.Option(

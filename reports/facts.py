@@ -367,7 +367,8 @@ class SyntheticFacts(_Facts):
             gen = dict(generation)
         smp = sampler if sampler is not None else (run.get("sampler_label") or gen.get("sampler"))
         if isinstance(smp, Mapping):  # a SamplerConfig dump: show its short label
-            smp = f"{smp.get('name')}-{smp.get('steps')}"
+            schedule = smp.get("step_schedule") or "timesteps"
+            smp = f"{smp.get('name')}{'' if schedule == 'timesteps' else '-' + schedule}-{smp.get('steps')}"
         seeds = meta["seed"] if "seed" in meta.columns else None
         names = ds.class_names
         return cls(

@@ -311,3 +311,21 @@ def test_model_and_privacy_facts_from_a_model_dir(tmp_path):
     (model / "privacy_ledger.json").write_text("{broken")
     with pytest.raises(InputError, match=r"privacy_ledger\.json: cannot be read as JSON"):
         PrivacyFacts.from_model_dir(model)
+
+
+def test_sampler_label_from_a_config_dump_keeps_its_noise_schedule(tmp_path):
+    """Without a `sampler_label`, the datasheet's sampler name is built from the SamplerConfig dump, schedule
+    included (the default `sde-dpmsolver++-karras-12` must not read as the old `sde-dpmsolver++-12`)."""
+    import pandas as pd
+
+    from reports.facts import SyntheticFacts
+    from synth.data.canonical import write_dataset
+
+    def synthetic(name, sampler):
+        meta = pd.DataFrame({"image_id": ["gen-0", "gen-1"], "split": "synthetic", "label": [0, 1]})
+        return write_dataset(tmp_path / name, np.zeros((2, 8, 8), np.uint8), meta, class_names=["a", "b"],
+                             source={"format": "synthetic"}, config={"sampler": sampler})
+
+    karras = synthetic("k", {"name": "sde-dpmsolver++", "steps": 12, "step_schedule": "karras"})
+    assert SyntheticFacts.from_dataset(karras).sampler == "sde-dpmsolver++-karras-12"
+    assert SyntheticFacts.from_dataset(synthetic("d", {"name": "ddim", "steps": 25})).sampler == "ddim-25"
