@@ -92,3 +92,13 @@ def test_cli_flags_override_the_files_runner_section(tmp_path):
     assert cfg.runner == RunnerSettings(kind="dask", address="tcp://h:8786", workers=4, threads_per_worker=2,
                                         shards=6)
     assert cfg.training.nproc == 2
+
+
+def test_task_arguments_carry_absolute_paths(monkeypatch, tmp_path):
+    """Mapped tasks may run in another process or machine: the flow hands them absolute paths."""
+    from flows.stages import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(ReleaseConfig(workdir="w", releases_dir="r", private_key="k/release.key"))
+    assert cfg.workdir == tmp_path / "w" and cfg.releases_dir == tmp_path / "r"
+    assert cfg.private_key == tmp_path / "k" / "release.key"
