@@ -91,7 +91,7 @@ def full_train_rate(dataset: Path, config) -> tuple[float, int, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", choices=["tiny", "small", "base"])
+    parser.add_argument("--preset", default="small", choices=["tiny", "small", "quality", "base"])
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--noise-multiplicity", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10)

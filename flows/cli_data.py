@@ -18,7 +18,7 @@ def ingest_cmd(
     csv: Annotated[Path | None, typer.Option(help="CSV naming each image (file, label[, patient_id, split, ...]).")]
     = None,
     fmt: Annotated[str, typer.Option("--format", help="auto | medmnist | imagefolder | dicom")] = "auto",
-    size: Annotated[int | None, typer.Option(help="Resize folder/DICOM images to SIZE×SIZE.")] = None,
+    size: Annotated[int | None, typer.Option(help="Resize images to SIZE×SIZE (any source).")] = None,
     channels: Annotated[int | None, typer.Option(help="1 (grayscale) or 3 (RGB); default: detect.")] = None,
     classes: Annotated[
         str | None, typer.Option(help="Comma-separated class names in label order (default: from the source).")

@@ -40,7 +40,12 @@ def register(app: typer.Typer) -> None:
     def generate_cmd(
         model: Path = typer.Argument(..., help="Trained model directory (from `synthgate train`)."),
         out: Path = typer.Option(..., "--out", help="Output dataset directory (must not exist)."),
-        n: int | None = typer.Option(None, "--n", help="Number of images, split like the training classes."),
+        n: int | None = typer.Option(None, "--n", help="Number of images, split over the classes by --balance."),
+        balance: str = typer.Option(
+            "uniform", "--balance",
+            help="How --n is split over the classes: uniform (equal counts, the default) or prior (like the "
+            "training set's class prevalence).",
+        ),
         per_class: str | None = typer.Option(
             None, "--per-class", help="Explicit counts per class, e.g. normal=100,pneumonia=200."
         ),
@@ -75,6 +80,8 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"--batch-size must be >= 1, got {batch_size}")
         if weights not in ("ema", "raw"):
             raise InputError(f"--weights must be ema or raw, got {weights!r}")
+        if balance not in ("prior", "uniform"):
+            raise InputError(f"--balance must be uniform or prior, got {balance!r}")
         counts = parse_per_class(per_class) if per_class is not None else None
 
         from synth.generate import generate
@@ -85,6 +92,7 @@ def register(app: typer.Typer) -> None:
             out,
             n=n,
             per_class=counts,
+            balance=balance,
             sampler=sampler or DEFAULT_SAMPLER,
             steps=steps,
             guidance_scale=guidance_scale,

@@ -20,7 +20,8 @@ _DP_ONLY = ("epsilon", "delta", "max_grad_norm", "accountant", "max_physical_bat
 def train_cmd(
     dataset: Annotated[Path, typer.Argument(help="A canonical dataset directory (its train split is used).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to create.")],
-    preset: Annotated[str | None, typer.Option(help="tiny (tests) | small (CPU demo, default) | base (GPU).")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="tiny (tests) | small (CPU demo, default) | quality (CPU, ~1 hour) | base (GPU).")] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="YAML file of TrainConfig keys overriding the preset.")
     ] = None,

@@ -28,6 +28,12 @@ class Policy(BaseModel):
     max_flagged_fraction_before_filter: float | None = Field(0.05, ge=0, le=1)
     max_membership_auc: float | None = Field(None, ge=0.5, le=1)
     max_membership_tpr_at_1pct_fpr: float | None = Field(None, ge=0, le=1)
+    # Utility, judged per class: a synthetic set that trains a classifier which never predicts a class is blocked
+    # whatever its AUROC. Defaults from measurements on two modalities (README, benchmarks/README.md).
+    min_tstr_trtr_balanced_accuracy_ratio: float | None = Field(0.85, ge=0)
+    min_tstr_trtr_worst_class_ratio: float | None = Field(0.7, ge=0)
+    min_trts_balanced_accuracy: float | None = Field(0.7, ge=0, le=1)
+    # AUROC ratio and plain TRTS accuracy: off by default (AUROC ranks; accuracy follows the class prior).
     min_tstr_trtr_ratio: float | None = Field(None, ge=0)
     min_trts_accuracy: float | None = Field(None, ge=0, le=1)
     min_per_class_count: int | None = Field(None, ge=0)
@@ -54,7 +60,10 @@ class GateInputs(BaseModel):
     flagged_fraction_before_filter: float | None = None  # in the generated set
     membership_auc: float | None = None
     membership_tpr_at_1pct_fpr: float | None = None
-    tstr_trtr_ratio: float | None = None
+    tstr_trtr_balanced_accuracy_ratio: float | None = None
+    tstr_trtr_worst_class_ratio: float | None = None  # TSTR's worst-class sensitivity / TRTR's
+    trts_balanced_accuracy: float | None = None
+    tstr_trtr_ratio: float | None = None  # AUROC
     trts_accuracy: float | None = None
     per_class_counts: dict[str, int] = Field(default_factory=dict)
     disclosure_violations: int | None = None  # attribute combinations released with fewer than k records
@@ -136,6 +145,12 @@ def gate(inputs: GateInputs, policy: Policy) -> Verdict:
     checks.append(_upper("max_membership_auc", inputs.membership_auc, policy.max_membership_auc, "membership AUC"))
     checks.append(_upper("max_membership_tpr_at_1pct_fpr", inputs.membership_tpr_at_1pct_fpr,
                          policy.max_membership_tpr_at_1pct_fpr, "membership TPR@1%FPR"))
+    checks.append(_lower("min_tstr_trtr_balanced_accuracy_ratio", inputs.tstr_trtr_balanced_accuracy_ratio,
+                         policy.min_tstr_trtr_balanced_accuracy_ratio, "TSTR/TRTR balanced-accuracy ratio"))
+    checks.append(_lower("min_tstr_trtr_worst_class_ratio", inputs.tstr_trtr_worst_class_ratio,
+                         policy.min_tstr_trtr_worst_class_ratio, "TSTR/TRTR worst-class sensitivity ratio"))
+    checks.append(_lower("min_trts_balanced_accuracy", inputs.trts_balanced_accuracy,
+                         policy.min_trts_balanced_accuracy, "TRTS balanced accuracy"))
     checks.append(_lower("min_tstr_trtr_ratio", inputs.tstr_trtr_ratio, policy.min_tstr_trtr_ratio,
                          "TSTR/TRTR AUROC ratio"))
     checks.append(_lower("min_trts_accuracy", inputs.trts_accuracy, policy.min_trts_accuracy, "TRTS accuracy"))

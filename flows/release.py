@@ -59,6 +59,11 @@ def train_task(cfg: ReleaseConfig, dataset: Path) -> Path:
     return stages.train_stage(cfg, dataset)
 
 
+@_task("guidance-selection")
+def guidance_task(cfg: ReleaseConfig, dataset: Path, model: Path) -> ReleaseConfig:
+    return stages.guidance_stage(cfg, dataset, model)
+
+
 # Mapped tasks may land on another worker process or machine; one retry covers a lost worker.
 @_task("generate-shard", retries=1)
 def generate_shard_task(cfg: ReleaseConfig, model: Path, shard_index: int, shard_count: int) -> Path:
@@ -148,8 +153,9 @@ def release_pipeline(cfg: ReleaseConfig) -> AuditedRun:
     # The copy-detection reference needs only the real data: it trains beside the generator.
     reference = privacy_reference_task.submit(cfg, dataset)
     model = train_task(cfg, dataset)
-    parts = generate_shard_task.map(unmapped(cfg), unmapped(model), range(shards), unmapped(shards))
-    synthetic = merge_synthetic_task(cfg, model, parts.result())
+    generation = guidance_task(cfg, dataset, model)  # the config with the guidance scale fixed
+    parts = generate_shard_task.map(unmapped(generation), unmapped(model), range(shards), unmapped(shards))
+    synthetic = merge_synthetic_task(generation, model, parts.result())
     searched = memorization_shard_task.map(unmapped(cfg), unmapped(reference.result()), unmapped(synthetic),
                                            range(shards), unmapped(shards))
     privacy_dir, released = privacy_audit_task(cfg, dataset, synthetic, model, reference.result(), searched.result())
@@ -163,10 +169,11 @@ def release_pipeline(cfg: ReleaseConfig) -> AuditedRun:
     return AuditedRun(synthetic=synthetic, report=report, verdict=verdict, **run)
 
 
-def _summary_markdown(release_id: str, verdict: Verdict, report: Path) -> str:
+def _summary_markdown(release_id: str, verdict: Verdict, report: Path, utility_dir: Path) -> str:
     rows = "\n".join(f"| {'✅' if c.passed else '❌'} | {c.rule} | {c.message} |" for c in verdict.checks)
     return (
         f"# Release `{release_id}`: gate **{verdict.decision.upper()}**\n\n"
+        f"{stages.utility_markdown(utility_dir)}\n\n"
         f"Steward's report (stays on site): `{report.resolve() / 'report.html'}`\n\n"
         f"| | rule | result |\n|---|---|---|\n{rows}\n"
     )
@@ -183,8 +190,8 @@ def release(config: ReleaseConfig) -> ReleaseResult:
     paths = audited.paths()
     release_id = stages.release_id_for(cfg, audited.released)
 
-    create_markdown_artifact(key="release-summary", markdown=_summary_markdown(release_id, verdict, report),
-                             description="gate verdict")
+    summary = _summary_markdown(release_id, verdict, report, audited.utility_dir)
+    create_markdown_artifact(key="release-summary", markdown=summary, description="gate verdict")
     create_table_artifact(key="gate-checks", table=[
         {"rule": c.rule, "passed": c.passed, "value": str(c.value), "threshold": str(c.threshold)}
         for c in verdict.checks], description="every gate check (numbers only)")
@@ -195,7 +202,7 @@ def release(config: ReleaseConfig) -> ReleaseResult:
     if cfg.approval.auto_approve:
         approval = auto_approval()
     else:
-        approval = request_approval(report, _summary_markdown(release_id, verdict, report),
+        approval = request_approval(report, summary,
                                     timeout_s=cfg.approval.timeout_s)
     if approval.decision != "approved":
         log.warning("release %s rejected by %s: %s", release_id, approval.reviewer, approval.comment)

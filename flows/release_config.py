@@ -52,13 +52,37 @@ class GenerateSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    n: int | None = Field(600, ge=1, description="total images, split like the training classes")
-    per_class: dict[str, int] | None = Field(None, description="class name -> count (overrides n)")
+    n: int | None = Field(600, ge=1, description="total images, split over the classes by `balance`")
+    # Uniform by default: with the real prior (e.g. 26% normal) a classifier trained on the release learnt the
+    # prior and almost never predicted the minority class (benchmarks/README.md, "Class balance").
+    balance: Literal["uniform", "prior"] = Field(
+        "uniform", description="uniform: equal counts per class; prior: the real training prevalence")
+    per_class: dict[str, int] | None = Field(None, description="class name -> count (overrides n and balance)")
     sampler: str | None = Field(None, description="a shipped sampler name; default: the measured default")
     steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0)
+    guidance_scale: float | Literal["auto"] | None = Field(
+        None, description="classifier-free guidance (1 = none); auto: chosen on the real validation split "
+                          "(reports/guidance.py); default: the sampler's (1)")
+    guidance_selection: dict[str, Any] = Field(default_factory=dict,
+                                               description="GuidanceSelectionConfig fields (guidance_scale: auto)")
     batch_size: int = Field(64, ge=1)
     seed: int = Field(0, ge=0)
+
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _guidance(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, float) and value > 50:
+            raise ValueError(f"guidance_scale {value} is above 50")
+        return value
+
+    @field_validator("guidance_selection")
+    @classmethod
+    def _guidance_selection(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from reports.guidance import GuidanceSelectionConfig
+
+        GuidanceSelectionConfig.model_validate(value)
+        return value
 
 
 class ApprovalSettings(BaseModel):

@@ -100,6 +100,7 @@ def run_stage(
 DATASET, VALIDATION, MODEL, SYNTHETIC = "dataset", "validation", "model", "synthetic"
 PRIVACY, RELEASED, UTILITY = "audit-privacy", "synthetic-released", "audit-utility"
 PRIVACY_REFERENCE = "audit-privacy-reference"
+GUIDANCE = "guidance-selection"
 REPORT, PUBLIC_REPORT, VERDICT, BUNDLE = "report", "report-public", "verdict.json", "bundle"
 
 
@@ -221,6 +222,39 @@ def _generation_config(cfg: ReleaseConfig) -> dict[str, Any]:
     return {**cfg.generate.model_dump(mode="json"), "sampler": cfg.generate.sampler or DEFAULT_SAMPLER}
 
 
+def guidance_stage(cfg: ReleaseConfig, dataset: Path, model: Path) -> ReleaseConfig:
+    """The config with its guidance scale fixed: as given, or (`guidance_scale: auto`) chosen on the real
+    validation split for the utility the gate judges (`reports/guidance.py`)."""
+    g = cfg.generate
+    if g.guidance_scale != "auto":
+        return cfg
+    from reports.guidance import GuidanceSelectionConfig, read_guidance, select_guidance
+
+    selection = build_config(GuidanceSelectionConfig, g.guidance_selection, "generate.guidance_selection")
+    sampler = _generation_config(cfg)["sampler"]
+    out = run_stage(
+        cfg.workdir, GUIDANCE, inputs={"dataset": artifact_hash(dataset), "model": artifact_hash(model)},
+        config={"selection": selection.model_dump(mode="json"), "sampler": sampler, "steps": g.steps,
+                "batch_size": g.batch_size},
+        build=lambda out: select_guidance(dataset, model, out, sampler=sampler, steps=g.steps, config=selection,
+                                          device=cfg.device, batch_size=g.batch_size, progress=print),
+    )
+    chosen = float(read_guidance(out)["guidance_scale"])
+    return cfg.model_copy(update={"generate": g.model_copy(update={"guidance_scale": chosen})})
+
+
+def guidance_facts(cfg: ReleaseConfig) -> dict[str, Any] | None:
+    """What the guidance selection tried and chose (None when the scale was given, not selected)."""
+    from reports.guidance import read_guidance
+
+    if cfg.generate.guidance_scale != "auto" or not (cfg.workdir / GUIDANCE).is_dir():
+        return None
+    h = read_guidance(cfg.workdir / GUIDANCE)
+    return {"guidance_scale": h["guidance_scale"], "objective": h["objective"],
+            "candidates": [{k: c.get(k) for k in ("guidance_scale", "balanced_accuracy", "worst_class_sensitivity")}
+                           for c in h["candidates"]]}
+
+
 def generate_stage(cfg: ReleaseConfig, model: Path, *, shard_index: int = 0, shard_count: int = 1) -> Path:
     """The synthetic set (or one shard of it: images i with i % shard_count == shard_index), every image's seed
     recorded."""
@@ -232,7 +266,8 @@ def generate_stage(cfg: ReleaseConfig, model: Path, *, shard_index: int = 0, sha
         cfg.workdir, name, inputs={"model": artifact_hash(model)},
         config={**config, "shard_index": shard_index, "shard_count": shard_count} if shard_count > 1 else config,
         build=lambda out: generate(
-            model, out, n=None if g.per_class else g.n, per_class=g.per_class, sampler=config["sampler"],
+            model, out, n=None if g.per_class else g.n, per_class=g.per_class, balance=g.balance,
+            sampler=config["sampler"],
             steps=g.steps, guidance_scale=g.guidance_scale, batch_size=g.batch_size, seed=g.seed,
             shard_index=shard_index, shard_count=shard_count, device=cfg.device,
             progress=_interactive() and shard_count == 1,
@@ -394,11 +429,52 @@ def gate_inputs(privacy_dir: Path, utility_dir: Path, model: Path, released: Pat
         # Either direction: an attacker can learn an attack's sign from shadow models.
         membership_auc=membership.get("auc_any_direction", membership.get("auc")),
         membership_tpr_at_1pct_fpr=membership.get("tpr_at_1pct_fpr"),
-        tstr_trtr_ratio=(utility.get("tstr_over_trtr") or {}).get("value"),
-        trts_accuracy=((utility.get("trts") or {}).get("accuracy") or {}).get("value"),
+        **utility_gate_fields(utility),
         per_class_counts={str(k): int(v) for k, v in counts.items()},
         disclosure_violations=disclosure.violations + int(disclosure.released_patient_id),
     )
+
+
+def utility_gate_fields(utility: Mapping[str, Any]) -> dict[str, float | None]:
+    """The `GateInputs` fields read off a `utility.json` body (None where the audit did not measure them)."""
+    return {
+        "tstr_trtr_balanced_accuracy_ratio": _paired_ratio(utility, "balanced_accuracy"),
+        "tstr_trtr_worst_class_ratio": _paired_ratio(utility, "worst_class_sensitivity"),
+        "trts_balanced_accuracy": _value(utility, "trts", "balanced_accuracy"),
+        "tstr_trtr_ratio": (utility.get("tstr_over_trtr") or {}).get("value"),
+        "trts_accuracy": _value(utility, "trts", "accuracy"),
+    }
+
+
+def _value(utility: Mapping[str, Any], setting: str, metric: str) -> float | None:
+    return ((utility.get(setting) or {}).get(metric) or {}).get("value")
+
+
+def _paired_ratio(utility: Mapping[str, Any], metric: str) -> float | None:
+    """TSTR/TRTR of `metric` (paired bootstrap point estimate); None when the audit did not measure it."""
+    return (((utility.get("tstr_vs_trtr") or {}).get(metric) or {}).get("ratio") or {}).get("value")
+
+
+def utility_markdown(utility_dir: Path) -> str:
+    """Key utility numbers for the Prefect summary: balanced accuracy and the worst class first, with the floor a
+    majority-class classifier scores (numbers only)."""
+    from reports.facts import UtilityAuditFacts
+
+    u = UtilityAuditFacts.from_utility(read_header(utility_dir, "utility.json"))
+
+    def est(e: Any) -> str:
+        return "–" if e is None else f"{e.value:.3f}"
+
+    lines = ["| | TRTR | TSTR | TRTS |", "|---|---|---|---|"]
+    for label, values in (("balanced accuracy", u.balanced_accuracy),
+                          ("worst-class sensitivity", u.worst_class_sensitivity), ("AUROC", u.auroc)):
+        lines.append(f"| {label} | " + " | ".join(est(values.get(p)) for p in ("TRTR", "TSTR", "TRTS")) + " |")
+    worst = ", ".join(f"{p}: {c}" for p, c in u.worst_class.items())
+    ratios = "; ".join(f"{m.replace('_', ' ')} {e.value:.3f}" for m, e in u.ratios.items())
+    m = u.majority_baseline
+    floor = (f"Always predicting '{m['class']}' scores balanced accuracy {float(m['balanced_accuracy']):.3f}, "
+             f"accuracy {float(m['accuracy']):.3f}." if m.get("class") is not None else "")
+    return "\n".join([*lines, "", f"TSTR/TRTR ratios: {ratios or '–'}. Worst classes: {worst or '–'}. {floor}"])
 
 
 def gate_stage(cfg: ReleaseConfig, privacy_dir: Path, utility_dir: Path, model: Path, released: Path) -> Verdict:
@@ -440,7 +516,6 @@ def release_facts(
     """Everything the dataset card, datasheet and Croissant say, read off the run's artifacts."""
     from privacy.audit import read_privacy_audit
     from reports.facts import (
-        Estimate,
         GateFacts,
         ModelFacts,
         PrivacyAuditFacts,
@@ -459,15 +534,12 @@ def release_facts(
     n_generated = int(audit["counts"]["synthetic"])
     n_released = int(read_header(released, "dataset.json")["counts"]["total"])
 
-    def estimate(metric: Mapping[str, Any] | None) -> Estimate | None:
-        if not metric or metric.get("value") is None:
-            return None
-        ci = metric.get("ci") or [None, None]
-        return Estimate(value=float(metric["value"]), ci_low=ci[0], ci_high=ci[1], ci_level=0.95)
-
-    auroc = {name.upper(): estimate((utility.get(name) or {}).get("auroc")) for name in ("trtr", "trts", "tstr")}
-    accuracy = {name.upper(): estimate((utility.get(name) or {}).get("accuracy")) for name in ("trtr", "trts", "tstr")}
     generation = read_header(synthetic, "dataset.json")
+    generation_facts = dict(generation.get("config") or {})
+    selected = guidance_facts(cfg)
+    if selected is not None:
+        generation_facts["guidance_selection"] = selected
+    guidance_scale = (generation_facts.get("sampler") or {}).get("guidance_scale")
     return ReleaseFacts(
         release_id=release_id,
         title=cfg.title,
@@ -476,7 +548,7 @@ def release_facts(
         contact=cfg.contact,
         git_commit=git_commit(),
         source=SourceFacts.from_dataset(dataset),
-        model=ModelFacts.from_model_dir(model),
+        model=ModelFacts.from_model_dir(model).model_copy(update={"guidance_scale": guidance_scale}),
         privacy=PrivacyFacts.from_model_dir(model),
         privacy_audit=PrivacyAuditFacts(
             flagged_fraction_before=float(mem["flagged_fraction"]),
@@ -487,15 +559,12 @@ def release_facts(
             membership_auc=membership.get("auc"),
             disclosure_k=int(audit["config"].get("disclosure_k", 5)),
         ),
-        utility_audit=UtilityAuditFacts(
-            auroc={k: v for k, v in auroc.items() if v is not None},
-            accuracy={k: v for k, v in accuracy.items() if v is not None},
-            classifier="small ResNet-style CNN (reports/classifier.py)",
-        ),
+        utility_audit=UtilityAuditFacts.from_utility(utility,
+                                                     classifier="small ResNet-style CNN (reports/classifier.py)"),
         gate=GateFacts(verdict=verdict.decision, reasons=tuple(verdict.reasons),
                        policy=cfg.policy.model_dump(mode="json")),
         approval=approval,
-        synthetic=SyntheticFacts.from_dataset(released, generation=generation.get("config") or {}),
+        synthetic=SyntheticFacts.from_dataset(released, generation=generation_facts),
     )
 
 

@@ -262,6 +262,41 @@ def card_header(facts: ReleaseFacts) -> dict[str, Any]:
     return header
 
 
+def balance_statement(facts: ReleaseFacts) -> str:
+    """Whether the release keeps the real class prevalence: a researcher must not read prevalence off it."""
+    balance = (facts.synthetic.generation or {}).get("balance")
+    if balance == "uniform":
+        return ("The classes were generated in **equal numbers** (`balance: uniform`), not at their real "
+                "prevalence (last column): a classifier trained on this set learns every class rather than the "
+                "prior; recalibrate its outputs before reading probabilities as real-world risks.")
+    if balance == "prior":
+        return "The classes were generated in proportion to the real training set (`balance: prior`)."
+    if balance == "per_class":
+        return "The steward chose the number of images of each class; compare with the real prevalence above."
+    return "How the class counts were chosen is not recorded."
+
+
+def utility_statement(facts: ReleaseFacts) -> str:
+    """The floor the utility numbers are read against, and the headline ratios."""
+    u = facts.utility_audit
+    if u is None:
+        return ""
+    parts = []
+    ba, worst = u.ratios.get("balanced_accuracy"), u.ratios.get("worst_class_sensitivity")
+    if ba is not None:
+        parts.append(f"A classifier trained on this synthetic set reaches {ba.value:.3f}× the balanced accuracy of "
+                     "one trained on the real data (TSTR/TRTR, paired bootstrap)")
+    if worst is not None:
+        parts.append(f"{worst.value:.3f}× its sensitivity on the worst-served class")
+    text = "; ".join(parts) + "." if parts else ""
+    m = u.majority_baseline
+    if m.get("class") is not None:
+        text += (f" For comparison, always predicting the most frequent class ({m['class']}) scores balanced "
+                 f"accuracy {float(m.get('balanced_accuracy', 0)):.3f} and accuracy {float(m.get('accuracy', 0)):.3f} "
+                 "on the real test set.")
+    return text.strip()
+
+
 def template_context(facts: ReleaseFacts) -> dict[str, Any]:
     """Values the card and the datasheet templates share."""
     folders = class_folder_names(facts.class_names)
@@ -275,8 +310,13 @@ def template_context(facts: ReleaseFacts) -> dict[str, Any]:
         }
         for i, name in enumerate(facts.class_names)
     ]
+    train_counts = facts.source.counts_per_class.get("train") or {}
+    n_train, n_syn = sum(train_counts.values()), facts.synthetic.total
+    for c in classes:
+        c["synthetic_share"] = c["synthetic"] / n_syn if n_syn else None
+        c["train_share"] = train_counts.get(c["name"], 0) / n_train if n_train else None
     u = facts.utility_audit
-    protocols = sorted(set(u.auroc) | set(u.accuracy)) if u else []
+    protocols = sorted(set(u.auroc) | set(u.accuracy) | set(u.balanced_accuracy)) if u else []
     return {
         "f": facts,
         "classes": classes,
@@ -289,6 +329,8 @@ def template_context(facts: ReleaseFacts) -> dict[str, Any]:
         "image_description": image_description(facts),
         "privacy_statement": privacy_statement(facts),
         "approval_statement": approval_statement(facts),
+        "balance_statement": balance_statement(facts),
+        "utility_statement": utility_statement(facts),
         "license": facts.release_license,
         "license_url": license_url(facts.release_license),
         "protocols": protocols,

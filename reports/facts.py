@@ -287,14 +287,57 @@ class Estimate(_Facts):
 
 
 class UtilityAuditFacts(_Facts):
-    """Key numbers of the utility audit (`utility.json`): protocol ('TRTR', 'TRTS', 'TSTR') -> estimate."""
+    """Key numbers of the utility audit (`utility.json`): protocol ('TRTR', 'TRTS', 'TSTR') -> estimate.
 
+    Balanced accuracy and the worst class's sensitivity lead: AUROC ranks and accuracy follows the class prior,
+    so either can look good while a classifier never predicts a class. `ratios` are TSTR/TRTR (paired bootstrap)
+    by metric; `majority_baseline` is what always predicting the real training set's largest class scores on the
+    real test set."""
+
+    balanced_accuracy: dict[str, Estimate] = Field(default_factory=dict)
+    worst_class_sensitivity: dict[str, Estimate] = Field(default_factory=dict)
+    worst_class: dict[str, str] = Field(default_factory=dict)
+    ratios: dict[str, Estimate] = Field(default_factory=dict)
+    majority_baseline: dict[str, Any] = Field(default_factory=dict)
     auroc: dict[str, Estimate] = Field(default_factory=dict)
     accuracy: dict[str, Estimate] = Field(default_factory=dict)
     classifier: str | None = None
     details: dict[str, Any] = Field(default_factory=dict)
 
-    _plain = field_validator("details")(_plain_dict)
+    _plain = field_validator("details", "majority_baseline")(_plain_dict)
+
+    @classmethod
+    def from_utility(cls, body: Mapping[str, Any], *, classifier: str | None = None) -> UtilityAuditFacts:
+        """The key numbers of a `utility.json` body."""
+
+        def estimate(metric: Any) -> Estimate | None:
+            if not isinstance(metric, Mapping) or metric.get("value") is None:
+                return None
+            ci = metric.get("ci") or [None, None]
+            return Estimate(value=float(metric["value"]), ci_low=ci[0], ci_high=ci[1], ci_level=0.95)
+
+        def per_protocol(metric: str) -> dict[str, Estimate]:
+            found = {p.upper(): estimate((body.get(p) or {}).get(metric)) for p in ("trtr", "trts", "tstr")}
+            return {k: v for k, v in found.items() if v is not None}
+
+        paired = body.get("tstr_vs_trtr") or {}
+        ratios = {m: estimate((paired.get(m) or {}).get("ratio"))
+                  for m in ("balanced_accuracy", "worst_class_sensitivity", "auroc")}
+        if ratios["auroc"] is None:
+            ratios["auroc"] = estimate(body.get("tstr_over_trtr"))
+        majority = ((body.get("baselines") or {}).get("majority_class") or {}).get("real_test") or {}
+        return cls(
+            balanced_accuracy=per_protocol("balanced_accuracy"),
+            worst_class_sensitivity=per_protocol("worst_class_sensitivity"),
+            worst_class={p.upper(): str((body.get(p) or {})["worst_class"]) for p in ("trtr", "trts", "tstr")
+                         if (body.get(p) or {}).get("worst_class")},
+            ratios={k: v for k, v in ratios.items() if v is not None},
+            majority_baseline={k: majority[k] for k in ("class", "accuracy", "balanced_accuracy")
+                               if k in majority},
+            auroc=per_protocol("auroc"),
+            accuracy=per_protocol("accuracy"),
+            classifier=classifier,
+        )
 
 
 class GateFacts(_Facts):

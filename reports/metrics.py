@@ -92,12 +92,14 @@ def _metric_rows(y: np.ndarray, proba: np.ndarray, pred: np.ndarray, idx: np.nda
     tp = np.empty((len(idx), k))
     fp = np.empty((len(idx), k))
     fn = np.empty((len(idx), k))
+    tn = np.empty((len(idx), k))
     auc = np.empty((len(idx), k))
     for c in range(k):
         is_c, pred_c = yr == c, pr == c
         tp[:, c] = (is_c & pred_c).sum(axis=1)
         fp[:, c] = (~is_c & pred_c).sum(axis=1)
         fn[:, c] = (is_c & ~pred_c).sum(axis=1)
+        tn[:, c] = (~is_c & ~pred_c).sum(axis=1)
         if k == 2 and c == 0:
             continue  # filled from class 1 below: with p0 = 1 - p1 the binary AUROC is the same for both classes
         auc[:, c] = _auroc_rows(is_c, proba[:, c][idx])
@@ -107,14 +109,18 @@ def _metric_rows(y: np.ndarray, proba: np.ndarray, pred: np.ndarray, idx: np.nda
         f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
         recall = np.where(tp + fn > 0, tp / (tp + fn), np.nan)
         precision = np.where(tp + fp > 0, tp / (tp + fp), np.nan)
+        specificity = np.where(tn + fp > 0, tn / (tn + fp), np.nan)
     out["f1_per_class"] = f1
     out["accuracy_per_class"] = recall
     out["precision_per_class"] = precision
+    out["specificity_per_class"] = specificity
     out["auroc_per_class"] = auc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows give NaN, which is what we want
         out["f1_macro"] = np.nanmean(f1, axis=1)
         out["balanced_accuracy"] = np.nanmean(recall, axis=1)
+        # The class a classifier serves worst: a dead class shows here as 0 whatever the AUROC says.
+        out["worst_class_sensitivity"] = np.nanmin(recall, axis=1)
         out["auroc"] = auc[:, 1] if k == 2 else np.nanmean(auc, axis=1)
     return out
 
@@ -140,11 +146,14 @@ def classification_metrics(
     level: float = 0.95,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """AUROC, accuracy, balanced accuracy, macro F1 and per-class AUROC/F1/accuracy/precision with bootstrap CIs.
+    """AUROC, accuracy, balanced accuracy, macro F1, the worst class's sensitivity and per-class
+    AUROC/F1/sensitivity/specificity/precision, with bootstrap CIs.
 
-    `proba` is (N, C); predictions are its argmax. Per class, "accuracy" is the fraction of that class's images
-    predicted as that class (sensitivity/recall); "precision" the fraction of predictions of that class that are
-    right. Each metric is `{"value": v, "ci": [lo, hi]}` (`ci` None when fewer than 20 resamples define it).
+    `proba` is (N, C); predictions are its argmax. Per class, "sensitivity" (also stored as "accuracy", its older
+    name) is the fraction of that class's images predicted as that class (recall); "specificity" the fraction of
+    the other classes' images not predicted as it; "precision" the fraction of predictions of that class that are
+    right. `worst_class` names the class with the lowest sensitivity. Each metric is `{"value": v, "ci": [lo, hi]}`
+    (`ci` None when fewer than 20 resamples define it).
     """
     y = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(proba, dtype=np.float64)
@@ -174,6 +183,11 @@ def classification_metrics(
         return {"value": _value(v), "ci": _interval(s, level)}
 
     counts = np.bincount(y, minlength=k) if n else np.zeros(k, dtype=int)
+    worst = None
+    if point is not None:
+        recall = point["accuracy_per_class"][0]
+        if np.isfinite(recall).any():
+            worst = class_names[int(np.nanargmin(recall))]
     return {
         "n": n,
         "class_counts": {name: int(counts[c]) for c, name in enumerate(class_names)},
@@ -181,11 +195,15 @@ def classification_metrics(
         "accuracy": metric("accuracy"),
         "balanced_accuracy": metric("balanced_accuracy"),
         "f1_macro": metric("f1_macro"),
+        "worst_class_sensitivity": metric("worst_class_sensitivity"),
+        "worst_class": worst,
         "per_class": {
             name: {
                 "n": int(counts[c]),
                 "auroc": metric("auroc_per_class", c),
                 "f1": metric("f1_per_class", c),
+                "sensitivity": metric("accuracy_per_class", c),
+                "specificity": metric("specificity_per_class", c),
                 "accuracy": metric("accuracy_per_class", c),
                 "precision": metric("precision_per_class", c),
             }
@@ -229,6 +247,58 @@ def subgroup_metrics(
     return out
 
 
+PAIRED_METRICS = ("auroc", "balanced_accuracy", "worst_class_sensitivity", "f1_macro", "accuracy")
+
+
+def paired_comparison(
+    y_true: np.ndarray,
+    proba_reference: np.ndarray,
+    proba_other: np.ndarray,
+    *,
+    metrics: Sequence[str] = PAIRED_METRICS,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Each of `metrics` for `proba_other` relative to `proba_reference` on the same cases: ratio and difference
+    (other − reference), with paired bootstrap CIs (both models scored on the same resamples, so the shared
+    test-set noise cancels). Returns `{metric: {"ratio": est, "difference": est}, "bootstrap": {...}}`; a ratio
+    whose reference is 0 is None."""
+    y = np.asarray(y_true, dtype=np.int64)
+    pa, pb = np.asarray(proba_reference, np.float64), np.asarray(proba_other, np.float64)
+    k, n = pa.shape[1], len(y)
+    unknown = [m for m in metrics if m not in PAIRED_METRICS]
+    if unknown:
+        raise ValueError(f"paired metric {unknown[0]!r} is not one of {', '.join(PAIRED_METRICS)}")
+    pred_a, pred_b = pa.argmax(axis=1), pb.argmax(axis=1)
+
+    def rows(idx: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        return _metric_rows(y, pa, pred_a, idx, k), _metric_rows(y, pb, pred_b, idx, k)
+
+    a0, b0 = rows(np.arange(n)[None])
+    rng = np.random.default_rng(seed)
+    ratios: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
+    diffs: dict[str, list[np.ndarray]] = {m: [] for m in metrics}
+    block = max(1, _BLOCK_ELEMENTS // max(n, 1))
+    for start in range(0, n_boot, block):
+        a, b = rows(rng.integers(0, n, size=(min(block, n_boot - start), n)))
+        for m in metrics:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratios[m].append(np.where(a[m] > 0, b[m] / a[m], np.nan))
+            diffs[m].append(b[m] - a[m])
+    out: dict[str, Any] = {}
+    for m in metrics:
+        ref, other = float(a0[m][0]), float(b0[m][0])
+        ratio_s = np.concatenate(ratios[m]) if ratios[m] else np.array([])
+        diff_s = np.concatenate(diffs[m]) if diffs[m] else np.array([])
+        out[m] = {
+            "ratio": {"value": _value(other / ref) if ref > 0 else None, "ci": _interval(ratio_s, level)},
+            "difference": {"value": _value(other - ref), "ci": _interval(diff_s, level)},
+        }
+    out["bootstrap"] = {"method": "paired percentile", "resamples": int(n_boot), "level": level, "seed": seed}
+    return out
+
+
 def paired_auroc_comparison(
     y_true: np.ndarray,
     proba_reference: np.ndarray,
@@ -238,39 +308,26 @@ def paired_auroc_comparison(
     level: float = 0.95,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """AUROC of `proba_other` relative to `proba_reference` on the same cases: ratio and difference (other −
-    reference), with paired bootstrap CIs (both models scored on the same resamples, so the shared test-set noise
-    cancels)."""
+    """`paired_comparison` of AUROC alone, as `{"metric": "auroc", "ratio", "difference", "bootstrap"}`."""
+    cmp = paired_comparison(y_true, proba_reference, proba_other, metrics=("auroc",), n_boot=n_boot, level=level,
+                            seed=seed)
+    return {"metric": "auroc", **cmp["auroc"], "bootstrap": cmp["bootstrap"]}
+
+
+def majority_baseline(y_true: np.ndarray, majority: int, *, class_names: Sequence[str]) -> dict[str, Any]:
+    """What a classifier that always predicts class `majority` (its training set's most frequent class) scores on
+    `y_true`: the floor any trained classifier must clear. AUROC is 0.5 (a constant score ranks nothing)."""
     y = np.asarray(y_true, dtype=np.int64)
-    pa, pb = np.asarray(proba_reference, np.float64), np.asarray(proba_other, np.float64)
-    k, n = pa.shape[1], len(y)
-
-    def rows(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if k == 2:
-            pos = y[idx] == 1
-            return _auroc_rows(pos, pa[:, 1][idx]), _auroc_rows(pos, pb[:, 1][idx])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            a = np.nanmean([_auroc_rows(y[idx] == c, pa[:, c][idx]) for c in range(k)], axis=0)
-            b = np.nanmean([_auroc_rows(y[idx] == c, pb[:, c][idx]) for c in range(k)], axis=0)
-        return a, b
-
-    a0, b0 = rows(np.arange(n)[None])
-    rng = np.random.default_rng(seed)
-    ratios, diffs = [], []
-    block = max(1, _BLOCK_ELEMENTS // max(n, 1))
-    for start in range(0, n_boot, block):
-        a, b = rows(rng.integers(0, n, size=(min(block, n_boot - start), n)))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios.append(b / a)
-        diffs.append(b - a)
-    ratio_s = np.concatenate(ratios) if ratios else np.array([])
-    diff_s = np.concatenate(diffs) if diffs else np.array([])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio0 = float(b0[0] / a0[0])
+    k = len(class_names)
+    n = len(y)
+    prevalence = float((y == majority).mean()) if n else 0.0
+    present = [c for c in range(k) if (y == c).any()]
+    f1_major = 2 * prevalence / (prevalence + 1) if prevalence > 0 else 0.0
     return {
-        "metric": "auroc",
-        "ratio": {"value": _value(ratio0), "ci": _interval(ratio_s, level)},
-        "difference": {"value": _value(float(b0[0] - a0[0])), "ci": _interval(diff_s, level)},
-        "bootstrap": {"method": "paired percentile", "resamples": int(n_boot), "level": level, "seed": seed},
+        "class": class_names[majority],
+        "accuracy": _value(prevalence),
+        "balanced_accuracy": _value(1.0 / len(present)) if majority in present else 0.0,
+        "worst_class_sensitivity": 0.0 if len(present) > 1 else 1.0,
+        "f1_macro": _value(f1_major / len(present)) if present else None,
+        "auroc": 0.5,
     }

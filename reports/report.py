@@ -416,9 +416,51 @@ def status_of(k: KeyNumber, verdict: Mapping[str, Any] | None) -> tuple[str, lis
     return "green", checks
 
 
+def _utility_key_numbers(body_u: Mapping[str, Any]) -> list[KeyNumber]:
+    """Balanced accuracy and the worst class first: AUROC ranks cases and can look good while a class is dead."""
+    out: list[KeyNumber] = []
+    floor = (((body_u.get("baselines") or {}).get("majority_class") or {}).get("real_test") or {})
+    floor_note = (f"a classifier that always predicts '{floor['class']}' scores balanced accuracy "
+                  f"{fmt(floor.get('balanced_accuracy'), '.3f')} (accuracy {fmt(floor.get('accuracy'), '.3f')})"
+                  if floor.get("class") else "")
+    for key, label, setting in (("trtr_balanced_accuracy", "TRTR balanced accuracy (real → real test)", "trtr"),
+                                ("tstr_balanced_accuracy", "TSTR balanced accuracy (synthetic → real test)",
+                                 "tstr")):
+        v, ci = metric_parts((body_u.get(setting) or {}).get("balanced_accuracy"))
+        out.append(KeyNumber(key, label, v, ci, fmt(v, ".3f"), note=floor_note))
+    paired = body_u.get("tstr_vs_trtr") or {}
+    v, ci = metric_parts((paired.get("balanced_accuracy") or {}).get("ratio"))
+    out.append(KeyNumber("tstr_trtr_balanced_accuracy_ratio", "TSTR / TRTR balanced-accuracy ratio", v, ci,
+                         fmt(v, ".3f"), ("min_tstr_trtr_balanced_accuracy_ratio",), "min"))
+    for setting, label in (("trtr", "TRTR"), ("tstr", "TSTR")):
+        block = body_u.get(setting) or {}
+        v, ci = metric_parts(block.get("worst_class_sensitivity"))
+        worst = block.get("worst_class")
+        out.append(KeyNumber(f"{setting}_worst_class_sensitivity",
+                             f"{label} sensitivity of the worst class{f' ({worst})' if worst else ''}", v, ci,
+                             fmt(v, ".3f")))
+    v, ci = metric_parts((paired.get("worst_class_sensitivity") or {}).get("ratio"))
+    out.append(KeyNumber("tstr_trtr_worst_class_ratio", "TSTR / TRTR worst-class sensitivity ratio", v, ci,
+                         fmt(v, ".3f"), ("min_tstr_trtr_worst_class_ratio",), "min"))
+    v, ci = metric_parts((body_u.get("trts") or {}).get("balanced_accuracy"))
+    out.append(KeyNumber("trts_balanced_accuracy", "TRTS balanced accuracy (real-trained classifier on synthetic "
+                         "images)", v, ci, fmt(v, ".3f"), ("min_trts_balanced_accuracy",), "min"))
+    for key, label, setting in (("trtr_auroc", "TRTR AUROC (real → real test)", "trtr"),
+                                ("tstr_auroc", "TSTR AUROC (synthetic → real test)", "tstr")):
+        v, ci = metric_parts((body_u.get(setting) or {}).get("auroc"))
+        out.append(KeyNumber(key, label, v, ci, fmt(v, ".3f")))
+    v, ci = metric_parts(body_u.get("tstr_over_trtr"))
+    out.append(KeyNumber("tstr_over_trtr", "TSTR / TRTR AUROC ratio", v, ci, fmt(v, ".3f"),
+                         ("min_tstr_trtr_ratio",), "min"))
+    v, ci = metric_parts((body_u.get("trts") or {}).get("accuracy"))
+    out.append(KeyNumber("trts_accuracy", "TRTS accuracy (real-trained classifier on synthetic images)", v, ci,
+                         fmt(v, ".3f"), ("min_trts_accuracy",), "min"))
+    return out
+
+
 def _key_numbers(inp: ReportInputs) -> list[KeyNumber]:
     body_p, body_u = inp.privacy, inp.utility
-    out: list[KeyNumber] = []
+    out: list[KeyNumber] = _utility_key_numbers(body_u)
 
     ledger = inp.ledger
     privacy_claim = (inp.model_card or {}).get("privacy")
@@ -473,19 +515,6 @@ def _key_numbers(inp: ReportInputs) -> list[KeyNumber]:
     else:
         out.append(KeyNumber("membership_auc", "Membership inference AUC", None, None, "not run",
                              ("max_membership_auc", "max_membership_tpr_at_1pct_fpr"), "max"))
-
-    for key, label, setting in (("trtr_auroc", "TRTR AUROC (real → real test)", "trtr"),
-                                ("tstr_auroc", "TSTR AUROC (synthetic → real test)", "tstr")):
-        v, ci = metric_parts((body_u.get(setting) or {}).get("auroc"))
-        out.append(KeyNumber(key, label, v, ci, fmt(v, ".3f")))
-    ratio = body_u.get("tstr_over_trtr")
-    v, ci = metric_parts(ratio)
-    out.append(KeyNumber("tstr_over_trtr", "TSTR / TRTR AUROC ratio", v, ci, fmt(v, ".3f"),
-                         ("min_tstr_trtr_ratio",), "min"))
-    trts = (body_u.get("trts") or {}).get("accuracy")
-    v, ci = metric_parts(trts)
-    out.append(KeyNumber("trts_accuracy", "TRTS accuracy (real-trained classifier on synthetic images)", v, ci,
-                         fmt(v, ".3f"), ("min_trts_accuracy",), "min"))
 
     fid = _headline_fid(body_u.get("fidelity"))
     if fid is not None:
@@ -720,8 +749,8 @@ def _membership(inp: ReportInputs) -> dict[str, Any] | None:
 
 _SETTINGS = (("trtr", "TRTR", "real train → real test"), ("trts", "TRTS", "real-trained classifier → synthetic"),
              ("tstr", "TSTR", "synthetic train → real test"))
-_METRICS = (("auroc", "AUROC"), ("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
-            ("f1_macro", "F1 macro"))
+_METRICS = (("balanced_accuracy", "balanced accuracy"), ("worst_class_sensitivity", "worst-class sensitivity"),
+            ("f1_macro", "F1 macro"), ("accuracy", "accuracy"), ("auroc", "AUROC"))
 
 
 def _utility(inp: ReportInputs) -> dict[str, Any]:
@@ -736,14 +765,17 @@ def _utility(inp: ReportInputs) -> dict[str, Any]:
     per_class = []
     for key, label, _ in _SETTINGS:
         for name, pc in ((u.get(key) or {}).get("per_class") or {}).items():
-            per_class.append({"setting": label, "class": name, **{m: pc.get(m) for m in
-                                                                   ("n", "auroc", "f1", "accuracy", "precision")}})
+            per_class.append({"setting": label, "class": name,
+                              **{m: pc.get(m) for m in ("n", "auroc", "f1", "specificity", "precision")},
+                              "sensitivity": pc.get("sensitivity", pc.get("accuracy"))})
     subgroups = []
     for key, label, _ in _SETTINGS:
         for attr, groups in ((u.get(key) or {}).get("subgroups") or {}).items():
             for value, g in (groups or {}).items():
                 subgroups.append({"setting": label, "attribute": attr, "value": value, "n": g.get("n"),
                                   "auroc": g.get("auroc"), "accuracy": g.get("accuracy"),
+                                  "balanced_accuracy": g.get("balanced_accuracy"),
+                                  "worst_class_sensitivity": g.get("worst_class_sensitivity"),
                                   "skipped": g.get("skipped")})
     panels: dict[str, dict[str, Any]] = {}
     for key, label, _ in _SETTINGS:
@@ -757,12 +789,19 @@ def _utility(inp: ReportInputs) -> dict[str, Any]:
         "rows": rows,
         "per_class": per_class,
         "subgroups": subgroups,
+        "paired": {m: (u.get("tstr_vs_trtr") or {}).get(m) or {} for m in
+                   ("balanced_accuracy", "worst_class_sensitivity")},
+        "worst": {key: (u.get(key) or {}).get("worst_class") for key in ("trtr", "tstr")},
+        "majority": (((u.get("baselines") or {}).get("majority_class") or {}).get("real_test") or None),
         "ratio": u.get("tstr_over_trtr"),
         "difference": u.get("tstr_minus_trtr"),
         "roc_uri": figures.data_uri(figures.roc_figure(panels, title="ROC curves")) if panels else None,
         "aug_uri": figures.data_uri(figures.augmentation_figure(aug_points)) if len(aug_points) > 1 else None,
         "aug": [{"ratio": p.get("ratio"), "ratio_effective": p.get("ratio_effective"), "n_real": p.get("n_real"),
                  "n_synthetic": p.get("n_synthetic"), "auroc": p.get("auroc"),
+                 "balanced_accuracy": p.get("balanced_accuracy"),
+                 "worst_class_sensitivity": p.get("worst_class_sensitivity"),
+                 "ba_delta": p.get("balanced_accuracy_minus_trtr"),
                  "delta": p.get("auroc_minus_trtr"), "note": p.get("note", "")} for p in aug_points],
     }
 

@@ -44,7 +44,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from reports.classifier import Classifier, ClassifierConfig, SmallResNet, torch_threads, train_classifier
 from reports.fidelity import FidelityConfig, fidelity_by_class
-from reports.metrics import classification_metrics, paired_auroc_comparison, roc_curve, subgroup_metrics
+from reports.metrics import (
+    classification_metrics,
+    majority_baseline,
+    paired_comparison,
+    roc_curve,
+    subgroup_metrics,
+)
 from synth.artifacts import atomic_dir, read_header, sha256_file, verify_content, write_header, write_json
 from synth.data.canonical import SPLITS, Dataset, load_dataset
 from synth.errors import InputError, where
@@ -196,7 +202,9 @@ def load_audit_inputs(real_dir: Path, synthetic_dir: Path) -> AuditInputs:
 
 
 def _attribute_groups(ds: Dataset, meta: pd.DataFrame) -> dict[str, np.ndarray]:
-    attrs = [a for a in ds.header.get("attributes", []) if a in meta.columns]
+    """Subgroups: the dataset's categorical attributes, never a generator's per-image columns (seed, sampler...)."""
+    bookkeeping = set(ds.header.get("generation_columns") or ())
+    attrs = [a for a in ds.header.get("attributes", []) if a in meta.columns and a not in bookkeeping]
     return {a: meta[a].to_numpy() for a in attrs}
 
 
@@ -219,6 +227,10 @@ def _score(y: np.ndarray, proba: np.ndarray, *, names: Sequence[str], cfg: Utili
 
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]
+# Metrics of the augmentation curve, and those compared against TRTR (paired) at each point and for TSTR.
+_CURVE_METRICS = ("auroc", "accuracy", "balanced_accuracy", "f1_macro", "worst_class_sensitivity")
+_GAIN_METRICS = ("auroc", "balanced_accuracy", "worst_class_sensitivity")
+_PAIRED = ("balanced_accuracy", "worst_class_sensitivity", "f1_macro", "accuracy", "auroc")
 
 
 def _extra_feature_spaces(cfg: UtilityConfig, image: Mapping[str, int]) -> tuple[dict[str, tuple[FeatureFn, str]],
@@ -543,14 +555,17 @@ def _merge(data: AuditInputs, cfg: UtilityConfig, plan: Sequence[JobSpec], dirs:
             **_score(y_test, p_tstr, names=names, cfg=cfg, seed=cfg.seed + 2, groups=test_groups),
             "classifier": classifier("tstr")}
     roc["tstr"] = _roc(y_test, p_tstr, names, cfg.max_roc_points)
-    cmp = paired_auroc_comparison(y_test, p_trtr, p_tstr, n_boot=cfg.n_boot, level=cfg.ci_level, seed=cfg.seed + 3)
+    cmp = paired_comparison(y_test, p_trtr, p_tstr, n_boot=cfg.n_boot, level=cfg.ci_level, seed=cfg.seed + 3)
     timings["tstr_s"] = round(job_s["tstr"] + time.perf_counter() - t, 2)
 
     # Augmentation
     curve: list[dict[str, Any]] = [{
         "ratio": 0.0, "ratio_effective": 0.0, "n_real": n_real, "n_synthetic": 0,
-        **{m: trtr[m] for m in ("auroc", "accuracy", "balanced_accuracy", "f1_macro")},
-        "auroc_minus_trtr": {"value": 0.0, "ci": [0.0, 0.0]}, "note": "the TRTR classifier",
+        **{m: trtr[m] for m in _CURVE_METRICS},
+        "auroc_minus_trtr": {"value": 0.0, "ci": [0.0, 0.0]},
+        "balanced_accuracy_minus_trtr": {"value": 0.0, "ci": [0.0, 0.0]},
+        "worst_class_sensitivity_minus_trtr": {"value": 0.0, "ci": [0.0, 0.0]},
+        "note": "the TRTR classifier",
     }]
     roc["augmentation"] = {}
     timings["augmentation_s"] = {}
@@ -571,12 +586,12 @@ def _merge(data: AuditInputs, cfg: UtilityConfig, plan: Sequence[JobSpec], dirs:
         p = proba(name)
         scored = classification_metrics(y_test, p, class_names=names, n_boot=cfg.n_boot, level=cfg.ci_level,
                                         seed=cfg.seed + 10 + i)
-        diff = paired_auroc_comparison(y_test, p_trtr, p, n_boot=cfg.n_boot, level=cfg.ci_level,
-                                       seed=cfg.seed + 10 + i)
+        diff = paired_comparison(y_test, p_trtr, p, metrics=_GAIN_METRICS, n_boot=cfg.n_boot, level=cfg.ci_level,
+                                 seed=cfg.seed + 10 + i)
         curve.append({
             "ratio": ratio, "ratio_effective": round(n_use / n_real, 6), "n_real": n_real, "n_synthetic": n_use,
-            **{m: scored[m] for m in ("auroc", "accuracy", "balanced_accuracy", "f1_macro", "per_class")},
-            "auroc_minus_trtr": diff["difference"],
+            **{m: scored[m] for m in (*_CURVE_METRICS, "per_class")},
+            **{f"{m}_minus_trtr": diff[m]["difference"] for m in _GAIN_METRICS},
             **note,
             "classifier": classifier(name),
         })
@@ -611,8 +626,12 @@ def _merge(data: AuditInputs, cfg: UtilityConfig, plan: Sequence[JobSpec], dirs:
         "trtr": trtr,
         "trts": trts,
         "tstr": tstr,
-        "tstr_over_trtr": {**cmp["ratio"], "metric": "auroc", "bootstrap": cmp["bootstrap"]},
-        "tstr_minus_trtr": {**cmp["difference"], "metric": "auroc", "bootstrap": cmp["bootstrap"]},
+        # The headline: does a classifier trained on the release work on real patients, class by class?
+        "tstr_vs_trtr": {m: cmp[m] for m in _PAIRED} | {"bootstrap": cmp["bootstrap"]},
+        "baselines": _baselines(data),
+        # AUROC ratio and difference, kept under their original names (AUROC ranks; it can hide a dead class).
+        "tstr_over_trtr": {**cmp["auroc"]["ratio"], "metric": "auroc", "bootstrap": cmp["bootstrap"]},
+        "tstr_minus_trtr": {**cmp["auroc"]["difference"], "metric": "auroc", "bootstrap": cmp["bootstrap"]},
         "augmentation": {"ratios": list(cfg.ratios), "curve": curve},
         "fidelity": fidelity,
         "classifier_jobs": {name: headers[name]["content_hash"] for name in dirs},
@@ -625,6 +644,21 @@ def _merge(data: AuditInputs, cfg: UtilityConfig, plan: Sequence[JobSpec], dirs:
         write_header(tmp, HEADER, kind=KIND, schema_version=SCHEMA_VERSION, files=[ROC], inputs=inputs,
                      config=cfg.model_dump(mode="json"), body=body)
     return out
+
+
+def _baselines(data: AuditInputs) -> dict[str, Any]:
+    """What a classifier that always predicts the real training set's majority class scores: on the real test
+    split (the floor for TRTR/TSTR) and on the synthetic set (the floor for TRTS)."""
+    majority = int(np.bincount(data.train.labels, minlength=len(data.class_names)).argmax())
+    names = data.class_names
+    return {
+        "majority_class": {
+            "real_test": majority_baseline(data.test.labels, majority, class_names=names),
+            "synthetic": majority_baseline(data.synth.labels, majority, class_names=names),
+            "note": "always predicts the real training set's most frequent class",
+        },
+        "chance_balanced_accuracy": round(1.0 / len(names), 6),
+    }
 
 
 def _fidelity_space(fn: FeatureFn, description: str, data: AuditInputs, holdout: np.ndarray, y_holdout: np.ndarray,

@@ -32,6 +32,8 @@ SPLIT = "synthetic"
 SEED_DOMAIN = b"synthgate/generate/v1"
 GENERATION_COLUMNS = ("condition", "seed", "sampler", "steps", "guidance_scale")
 MAX_IMAGES = 100_000_000
+# How `n` images are split over the classes when no per-class counts are given (see `plan_generation`).
+BALANCES = ("prior", "uniform")
 
 
 def largest_remainder(total: int, weights: Sequence[int | float]) -> list[int]:
@@ -134,19 +136,37 @@ def condition_space_of(card: Mapping[str, Any], model_dir: Path) -> ConditionSpa
         raise InputError(where(model_dir, f"model card has no usable conditions/class_names ({e})")) from None
 
 
+def check_balance(balance: str) -> str:
+    """`balance` if it names a class balance (`BALANCES`), else a one-line `ConfigError`."""
+    if balance not in BALANCES:
+        raise ConfigError(f"class balance {balance!r} is not one of {', '.join(BALANCES)}")
+    return balance
+
+
+def balanced_per_class(n: int, class_names: Sequence[str], balance: str,
+                       class_counts: Sequence[int]) -> dict[str, int]:
+    """`n` images split over the classes: `prior` in proportion to the training counts, `uniform` equally
+    (largest remainder, ties to the lower label)."""
+    weights = list(class_counts) if check_balance(balance) == "prior" else [1] * len(class_names)
+    return dict(zip(class_names, largest_remainder(n, weights), strict=True))
+
+
 def plan_generation(
     card: Mapping[str, Any],
     *,
     n: int | None = None,
     per_class: Mapping[str, int] | None = None,
+    balance: str = "prior",
     seed: int = 0,
     model_dir: Path | str = "model",
 ) -> GenerationPlan:
     """Counts per condition and a seed per image.
 
-    `per_class` (class name → count) is used as given; otherwise `n` is split over the conditions in proportion to
-    their training counts. With attribute conditions, each class's count is split over its attribute
-    combinations in proportion to their joint training counts (largest remainder, deterministic).
+    `per_class` (class name → count) is used as given; otherwise `n` is split over the classes by `balance`:
+    `prior` in proportion to their training counts (the real prevalence), `uniform` equally (every class as well
+    represented as the largest: a classifier trained on the set then learns each class, not the prior). Within a
+    class, its count is split over its attribute combinations in proportion to their joint training counts
+    (largest remainder, deterministic).
     """
     model_dir = Path(model_dir)
     space = condition_space_of(card, model_dir)
@@ -155,6 +175,15 @@ def plan_generation(
         raise InputError(where(model_dir, "give the number of images (n) or per-class counts"))
     if n is not None and (isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0):
         raise InputError(where(model_dir, f"number of images must be a positive integer, got {n!r}"))
+    try:
+        check_balance(balance)
+    except ConfigError as e:
+        raise InputError(where(model_dir, str(e))) from None
+    if per_class is None and balance != "prior":
+        labels = space.labels_of(np.arange(space.num_conditions))
+        class_counts = [sum(c for c, lab in zip(train_counts, labels, strict=True) if lab == i)
+                        for i in range(len(space.class_names))]
+        per_class = balanced_per_class(int(n or 0), space.class_names, balance, class_counts)
     if per_class is not None:
         unknown = [name for name in per_class if name not in space.class_names]
         if unknown:
@@ -255,6 +284,7 @@ def generate(
     *,
     n: int | None = None,
     per_class: Mapping[str, int] | None = None,
+    balance: str = "prior",
     sampler: str | SamplerConfig = DEFAULT_SAMPLER,
     steps: int | None = None,
     guidance_scale: float | None = None,
@@ -268,7 +298,8 @@ def generate(
 ) -> Path:
     """Sample a synthetic canonical dataset from `model_dir` into `out` (atomically) and return `out`.
 
-    Counts: `per_class` (class name → count), else `n` split like the training conditions. `steps` /
+    Counts: `per_class` (class name → count), else `n` split over the classes by `balance` (`prior`: like the
+    training classes; `uniform`: equally), within a class like its training conditions. `steps` /
     `guidance_scale` override the sampler's. Image i gets seed `image_seed(seed, i)` and id `syn-{i:06d}`;
     shard k of K writes only the indices i % K == k (combine with `merge_shards`). The metadata records label,
     attribute values (attribute-conditioned models), condition, seed, sampler, steps and guidance scale.
@@ -289,7 +320,7 @@ def generate(
         raise InputError(where(model_dir, str(e))) from None
     cfg = resolve_sampler(sampler, steps=steps, guidance_scale=guidance_scale)
     card = read_model_card(model_dir)
-    plan = plan_generation(card, n=n, per_class=per_class, seed=seed, model_dir=model_dir)
+    plan = plan_generation(card, n=n, per_class=per_class, balance=balance, seed=seed, model_dir=model_dir)
     mine = shard_indices(plan.total, shard_index, shard_count)
     batch = min(batch_size, plan.total)
 
@@ -322,7 +353,7 @@ def generate(
         config=_run_config(
             sampler=cfg, seed=seed, batch=batch, total=plan.total, counts=plan.counts, weights=weights,
             shard_index=shard_index, shard_count=shard_count,
-        ),
+        ) | {"balance": "per_class" if per_class is not None else balance},
         extra=_extra(plan, model_dir, card, model_hash),
     )
 

@@ -1,6 +1,7 @@
 """`TrainConfig`: every knob of a training run, with presets named by intent.
 
     tiny   tests and smoke runs: a 0.16M-parameter UNet, seconds on a CPU
+    quality a CPU release worth an hour: `small`'s UNet, 2400 steps of 64 or 58 minutes, whichever comes first
     small  the CPU demo: a 1.1M-parameter UNet, 400 steps of 64 or 9 minutes, whichever comes first
            (2 cores, PneumoniaMNIST; 1.13 GFLOP per example and step; ~6 s a step was measured with 5+ other
            jobs on the cores, 1.2-1.5 s is the estimate for a quiet machine: benchmarks/bench_training.py)
@@ -31,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from synth.config import build, load_yaml
 
-PresetName = Literal["tiny", "small", "base"]
+PresetName = Literal["tiny", "small", "quality", "base"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 
 _COMMON: dict[str, Any] = {
@@ -42,6 +43,7 @@ _COMMON: dict[str, Any] = {
     "cfg_dropout": 0.1,
     "condition_attributes": "auto",
     "noise_multiplicity": 1,
+    "min_snr_gamma": None,
     "seed": 0,
     "device": "auto",
     "beta_schedule": "linear",
@@ -77,6 +79,19 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_steps": 400,
         "max_minutes": 9.0,
         "checkpoint_every": 100,
+    },
+    "quality": {
+        **_COMMON,
+        # The demo's network and batch, 6x the steps: ~55 minutes on a quiet 2-core machine, capped at 58.
+        "batch_size": 64,
+        "lr": 1e-3,
+        "lr_warmup_steps": 100,
+        "lr_schedule": "cosine",
+        "ema_decay": 0.9995,
+        "ema_power": 0.75,
+        "max_steps": 2400,
+        "max_minutes": 58.0,
+        "checkpoint_every": 200,
     },
     "base": {
         **_COMMON,
@@ -123,6 +138,8 @@ class TrainConfig(BaseModel):
     # "auto": every categorical attribute the dataset has (usable ones: no gaps, few values); () for labels only.
     condition_attributes: tuple[str, ...] | Literal["auto"]
     noise_multiplicity: int = Field(ge=1)  # K (noise, timestep) draws per example and step
+    # Min-SNR-γ loss weighting (None: plain epsilon MSE); see synth.training.per_row_loss.
+    min_snr_gamma: float | None = Field(gt=0)
     # Run
     checkpoint_every: int | None = Field(ge=1)
     seed: int = Field(ge=0)

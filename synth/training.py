@@ -253,8 +253,12 @@ def per_row_loss(
     cfg_dropout: float = 0.0,
     amp: contextlib.AbstractContextManager[Any] | None = None,
     part: tuple[int, int] | None = None,
+    min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
     """Epsilon-prediction MSE of each of the B·K rows (example i owns rows i·K … i·K+K-1), fp32, shape (B·K,).
+
+    With `min_snr_gamma` γ a row at timestep t is weighted min(SNR(t), γ) / SNR(t) (Min-SNR-γ, Hang et al. 2023):
+    the nearly noise-free steps, whose epsilon targets are hard and matter little to samples, stop dominating.
 
     Timesteps, noise and condition dropout come from `generator` (on the images' device), in that order, always
     drawn for the whole batch. `part=(lo, hi)` then runs the model on examples lo … hi-1 only and returns their
@@ -282,7 +286,12 @@ def per_row_loss(
     noisy = scheduler.add_noise(x0, noise, t)
     with amp if amp is not None else contextlib.nullcontext():
         pred = unet(noisy, t, class_labels=cond).sample
-    return (pred.float() - noise).pow(2).flatten(1).mean(dim=1)
+    rows_loss = (pred.float() - noise).pow(2).flatten(1).mean(dim=1)
+    if min_snr_gamma is not None:
+        alpha_bar = scheduler.alphas_cumprod.to(device)[t].float()
+        snr = alpha_bar / (1 - alpha_bar)
+        rows_loss = rows_loss * torch.clamp(snr, max=min_snr_gamma) / snr
+    return rows_loss
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int | None) -> float:
@@ -629,6 +638,7 @@ def train(
                             conditions.to(device, non_blocking=True), null_condition=model_cfg.null_condition,
                             generator=noise_gen, noise_multiplicity=config.noise_multiplicity,
                             cfg_dropout=config.cfg_dropout, amp=amp, part=(lo, hi) if world.distributed else None,
+                            min_snr_gamma=config.min_snr_gamma,
                         )
                         if rows.shape[0] and privacy is None and world.distributed:
                             # DDP averages the ranks' gradients; slices may differ by one example, so each rank

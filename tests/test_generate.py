@@ -274,3 +274,34 @@ def test_cli_rejects_non_model_and_existing_out(model_dir, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     assert run(["generate", str(model_dir), "--n", "2", "--out", str(tmp_path / "taken"), "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_uniform_balance_gives_every_class_the_same_count(model_dir, attr_model_dir):
+    from synth.pipeline import read_model_card
+
+    card = read_model_card(model_dir)  # trained on 1214 normal / 3494 pneumonia
+    assert plan_generation(card, n=600).per_class() == {"normal": 155, "pneumonia": 445}
+    assert plan_generation(card, n=600, balance="prior").per_class() == {"normal": 155, "pneumonia": 445}
+    assert plan_generation(card, n=601, balance="uniform").per_class() == {"normal": 301, "pneumonia": 300}
+    # With attributes, each class's share is split over its attribute combinations like the training counts
+    # (normal: F 10 / M 30; pneumonia: F 20 / M 20).
+    plan = plan_generation(read_model_card(attr_model_dir), n=400, balance="uniform")
+    assert plan.per_class() == {"normal": 200, "pneumonia": 200}
+    assert list(plan.counts) == [50, 150, 100, 100]
+    with pytest.raises(InputError, match="class balance 'flat' is not one of prior, uniform"):
+        plan_generation(card, n=10, balance="flat")
+
+
+def test_balance_is_recorded_and_the_cli_defaults_to_uniform(model_dir, tmp_path, capsys):
+    assert run(["generate", str(model_dir), "--out", str(tmp_path / "u"), "--n", "10", "--sampler", "ddim-2",
+                "--no-progress"]) == 0
+    ds = load_dataset(tmp_path / "u")
+    assert ds.header["config"]["balance"] == "uniform"
+    assert ds.header["counts"]["per_class"]["synthetic"] == {"normal": 5, "pneumonia": 5}
+    assert run(["generate", str(model_dir), "--out", str(tmp_path / "p"), "--n", "10", "--balance", "prior",
+                "--sampler", "ddim-2", "--no-progress"]) == 0
+    assert load_dataset(tmp_path / "p").header["counts"]["per_class"]["synthetic"] == {"normal": 3, "pneumonia": 7}
+    capsys.readouterr()
+    assert run(["generate", str(model_dir), "--out", str(tmp_path / "x"), "--n", "10", "--balance", "even"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--balance must be uniform or prior, got 'even'")
+    assert not (tmp_path / "x").exists()

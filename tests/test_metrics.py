@@ -9,7 +9,9 @@ from reports.metrics import (
     auroc,
     auroc_macro,
     classification_metrics,
+    majority_baseline,
     paired_auroc_comparison,
+    paired_comparison,
     roc_curve,
     subgroup_metrics,
 )
@@ -154,3 +156,57 @@ def test_paired_comparison_of_identical_and_worse_models() -> None:
     worse = paired_auroc_comparison(y, p, np.stack([1 - noisy1, noisy1], 1), n_boot=300)
     assert worse["ratio"]["value"] < 1.0 and worse["ratio"]["ci"][1] < 1.0
     assert worse["difference"]["ci"][0] <= worse["difference"]["value"] <= worse["difference"]["ci"][1]
+
+
+def test_specificity_worst_class_and_their_intervals_match_hand_counts() -> None:
+    # 3 classes; class 2 is never predicted: its sensitivity (and so the worst class's) is 0.
+    y = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    pred = np.array([0, 0, 1, 1, 1, 0, 0, 1, 1, 0])
+    p = np.eye(3)[pred] * 0.8 + 0.2 / 3
+    m = classification_metrics(y, p, class_names=["a", "b", "c"], n_boot=200, seed=1)
+    sens = {"a": 2 / 3, "b": 2 / 3, "c": 0.0}
+    spec = {c: ((y != i) & (pred != i)).sum() / (y != i).sum() for i, c in enumerate("abc")}
+    for c in "abc":
+        assert m["per_class"][c]["sensitivity"]["value"] == pytest.approx(sens[c], abs=1e-6)
+        assert m["per_class"][c]["specificity"]["value"] == pytest.approx(spec[c], abs=1e-6)
+    assert m["worst_class"] == "c" and m["worst_class_sensitivity"]["value"] == 0.0
+    assert m["balanced_accuracy"]["value"] == pytest.approx(np.mean(list(sens.values())), abs=1e-6)
+    lo, hi = m["worst_class_sensitivity"]["ci"]
+    assert lo == 0.0 and hi == 0.0  # class c is never predicted in any resample
+
+
+def test_paired_balanced_accuracy_and_worst_class_ratios_match_a_loop_over_resamples() -> None:
+    y, p_ref = _noisy_scores(300, seed=3)
+    rng = np.random.default_rng(5)
+    # The other model prefers class 1: its class-0 sensitivity drops, AUROC stays the same (a monotone shift).
+    p1 = np.clip(p_ref[:, 1] + 0.3, 0, 1)
+    p_other = np.stack([1 - p1, p1], 1)
+    cmp = paired_comparison(y, p_ref, p_other, n_boot=150, seed=7)
+
+    def ba(y_, p_):
+        pred = p_.argmax(1)
+        return np.mean([(pred[y_ == c] == c).mean() for c in (0, 1)])
+
+    def worst(y_, p_):
+        pred = p_.argmax(1)
+        return min((pred[y_ == c] == c).mean() for c in (0, 1))
+
+    assert cmp["balanced_accuracy"]["ratio"]["value"] == pytest.approx(ba(y, p_other) / ba(y, p_ref), abs=1e-6)
+    assert cmp["worst_class_sensitivity"]["ratio"]["value"] == pytest.approx(worst(y, p_other) / worst(y, p_ref),
+                                                                             abs=1e-6)
+    assert cmp["worst_class_sensitivity"]["ratio"]["value"] < 0.9
+    assert cmp["auroc"]["ratio"]["value"] == pytest.approx(1.0, abs=0.02)
+    # The interval is the percentile of the same resamples scored for both models.
+    rs = np.random.default_rng(7).integers(0, len(y), size=(150, len(y)))
+    ratios = [ba(y[i], p_other[i]) / ba(y[i], p_ref[i]) for i in rs]
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    assert cmp["balanced_accuracy"]["ratio"]["ci"] == pytest.approx([lo, hi], abs=1e-6)
+    del rng
+
+
+def test_majority_baseline() -> None:
+    y = np.array([0] * 30 + [1] * 70)
+    b = majority_baseline(y, 1, class_names=["normal", "pneumonia"])
+    assert b["class"] == "pneumonia" and b["accuracy"] == 0.7 and b["balanced_accuracy"] == 0.5
+    assert b["worst_class_sensitivity"] == 0.0
+    assert b["f1_macro"] == pytest.approx((2 * 0.7 / 1.7) / 2, abs=1e-6)

@@ -9,7 +9,7 @@ from synth.errors import ConfigError
 from synth.model import ModelConfig, build_unet, preset
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "base"])
+@pytest.mark.parametrize("name", ["tiny", "small", "quality", "base"])
 @pytest.mark.parametrize("size", [28, 64])
 def test_presets_are_valid_and_round_trip(name, size):
     cfg = preset(name, sample_size=size, channels=3, num_conditions=4)

@@ -8,6 +8,8 @@ from synth.errors import ConfigError, InputError
 GOOD = GateInputs(dp=True, epsilon=8.0, delta=1e-5, ledger_check_passed=True, flagged_fraction=0.0,
                   flagged_fraction_before_filter=0.002,
                   membership_auc=0.51, membership_tpr_at_1pct_fpr=0.011, tstr_trtr_ratio=0.97, trts_accuracy=0.9,
+                  tstr_trtr_balanced_accuracy_ratio=0.96, tstr_trtr_worst_class_ratio=0.9,
+                  trts_balanced_accuracy=0.92,
                   per_class_counts={"normal": 100, "pneumonia": 200}, disclosure_violations=0)
 STRICT = Policy(require_dp=True, max_epsilon=10, max_delta=1e-4, max_flagged_fraction=0.0, max_membership_auc=0.6,
                 max_membership_tpr_at_1pct_fpr=0.05, min_tstr_trtr_ratio=0.9, min_trts_accuracy=0.85,
@@ -29,6 +31,24 @@ def test_every_failure_is_reported_not_just_the_first():
     rules = {c.rule for c in verdict.checks if not c.passed}
     assert rules == {"max_epsilon", "max_flagged_fraction", "min_trts_accuracy", "min_per_class_count"}
     assert any("ε 20 > 10" in r for r in verdict.reasons)
+
+
+def test_default_policy_judges_utility_by_balanced_accuracy_and_the_worst_class():
+    assert gate(GOOD, Policy()).passed
+    # The demo's old failure: AUROC ratio 0.96 and TRTS accuracy 0.9 look fine while the TSTR classifier never
+    # predicts one class (balanced accuracy at chance, worst-class sensitivity 0).
+    dead_class = GOOD.model_copy(update={"tstr_trtr_balanced_accuracy_ratio": 0.58, "tstr_trtr_worst_class_ratio": 0.01,
+                                         "trts_balanced_accuracy": 0.52})
+    verdict = gate(dead_class, Policy())
+    assert verdict.decision == "block"
+    assert {c.rule for c in verdict.checks if not c.passed} == {
+        "min_tstr_trtr_balanced_accuracy_ratio", "min_tstr_trtr_worst_class_ratio", "min_trts_balanced_accuracy"}
+    assert "TSTR/TRTR balanced-accuracy ratio 0.58 < 0.85" in verdict.reasons
+    # Unmeasured utility blocks too (fail closed); a steward may switch a check off explicitly.
+    unmeasured = GOOD.model_copy(update={"tstr_trtr_balanced_accuracy_ratio": None})
+    assert [c.rule for c in gate(unmeasured, Policy()).checks if not c.passed] == [
+        "min_tstr_trtr_balanced_accuracy_ratio"]
+    assert gate(unmeasured, Policy(min_tstr_trtr_balanced_accuracy_ratio=None)).passed
 
 
 def test_planted_copies_block_with_default_policy():

@@ -161,6 +161,26 @@ def test_per_row_loss_repeats_each_example_k_times_with_its_own_noise() -> None:
     torch.testing.assert_close(noisy, sched.add_noise(x0, noise, t_expect))
 
 
+def test_min_snr_weighting_scales_each_row_by_its_timestep() -> None:
+    sched = make_scheduler(TrainConfig(preset="tiny"))
+    images = torch.rand(64, 1, 4, 4) * 2 - 1
+    conditions = torch.zeros(64, dtype=torch.long)
+    plain = per_row_loss(RecordingUNet(), sched, images, conditions, null_condition=1,
+                         generator=torch.Generator().manual_seed(3))
+    unet = RecordingUNet()
+    weighted = per_row_loss(unet, sched, images, conditions, null_condition=1,
+                            generator=torch.Generator().manual_seed(3), min_snr_gamma=5.0)
+    t = unet.calls[0][1]
+    alpha_bar = sched.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    torch.testing.assert_close(weighted, plain * torch.clamp(snr, max=5.0) / snr)
+    low_noise = snr > 5
+    assert low_noise.any() and (~low_noise).any()  # both regimes drawn
+    assert (weighted[low_noise] < plain[low_noise]).all()
+    torch.testing.assert_close(weighted[~low_noise], plain[~low_noise])
+    assert TrainConfig(preset="small").min_snr_gamma is None
+
+
 def test_cfg_dropout_feeds_the_null_condition() -> None:
     sched = make_scheduler(TrainConfig(preset="tiny"))
     images, conditions = torch.zeros(400, 1, 4, 4), torch.ones(400, dtype=torch.long)

@@ -161,6 +161,86 @@ def test_noise_gives_trts_at_chance_and_poor_fidelity(sets: dict[str, Path], hel
     assert noise_fid > 5 * heldout_fid
 
 
+def test_class_collapsed_synthetic_set_is_blocked_by_the_default_gate(sets: dict[str, Path], heldout_audit: dict,
+                                                                      tmp_path: Path) -> None:
+    """Every 'synthetic' image has one class's look (real pneumonia images) while half are labelled normal: the
+    classifier trained on it cannot learn 'normal'. The default policy must block it, whatever its AUROC; the
+    real held-out images (a perfect generator) pass the same checks."""
+    from flows.policy import GateInputs, Policy, gate
+    from flows.stages import utility_gate_fields
+
+    heldout = load_dataset(sets["heldout"])
+    pneumonia = np.flatnonzero((heldout.metadata["label"] == 1).to_numpy())
+    meta = heldout.metadata.iloc[np.concatenate([pneumonia, pneumonia])].reset_index(drop=True)
+    meta["label"] = np.repeat([0, 1], len(pneumonia))
+    meta["image_id"] = [f"c{i}" for i in range(len(meta))]
+    images = np.asarray(heldout.images)[np.concatenate([pneumonia, pneumonia])]
+    collapsed = _write(tmp_path / "collapsed", images, meta, heldout.class_names, split="synthetic")
+    out = audit_utility(sets["real"], collapsed, tmp_path / "audit", config=SMALL.model_copy(update={"ratios": ()}))
+    body = json.loads((out / HEADER).read_text())
+
+    def judged(utility: dict):
+        inputs = GateInputs(dp=False, flagged_fraction=0.0, flagged_fraction_before_filter=0.0,
+                            disclosure_violations=0, **utility_gate_fields(utility))
+        return gate(inputs, Policy())
+
+    verdict = judged(body)
+    assert verdict.decision == "block"
+    failed = {c.rule for c in verdict.checks if not c.passed}
+    assert failed == {"min_tstr_trtr_balanced_accuracy_ratio", "min_tstr_trtr_worst_class_ratio",
+                      "min_trts_balanced_accuracy"}
+    assert body["trts"]["balanced_accuracy"]["value"] < 0.65  # normal-labelled images look like pneumonia
+    # The floor the summary quotes: always predicting the real train set's majority class (balanced slice: normal).
+    floor = body["baselines"]["majority_class"]["real_test"]
+    assert floor["balanced_accuracy"] == 0.5 and floor["worst_class_sensitivity"] == 0.0
+    assert judged(heldout_audit).passed
+
+
+def test_headline_ratios_are_paired_and_per_class(heldout_audit: dict) -> None:
+    paired = heldout_audit["tstr_vs_trtr"]
+    for metric in ("balanced_accuracy", "worst_class_sensitivity", "auroc"):
+        _metric(paired[metric]["ratio"])
+        _metric(paired[metric]["difference"])
+    ba = paired["balanced_accuracy"]["ratio"]["value"]
+    assert ba == pytest.approx(heldout_audit["tstr"]["balanced_accuracy"]["value"]
+                               / heldout_audit["trtr"]["balanced_accuracy"]["value"], abs=1e-5)
+    assert paired["auroc"]["ratio"]["value"] == heldout_audit["tstr_over_trtr"]["value"]
+    for setting in ("trtr", "trts", "tstr"):
+        block = heldout_audit[setting]
+        assert block["worst_class"] in ("normal", "pneumonia")
+        sens = {c: block["per_class"][c]["sensitivity"]["value"] for c in ("normal", "pneumonia")}
+        assert block["worst_class_sensitivity"]["value"] == min(sens.values())
+        _metric(block["per_class"]["normal"]["specificity"])
+    point = heldout_audit["augmentation"]["curve"][1]
+    _metric(point["balanced_accuracy_minus_trtr"])
+    _metric(point["worst_class_sensitivity"])
+
+
+def test_subgroups_list_patient_attributes_never_generation_columns(sets: dict[str, Path], tmp_path: Path) -> None:
+    """A generated set carries per-image bookkeeping (seed, sampler, ...) beside its attributes; even after a later
+    stage rewrites it, subgroups are formed on the attributes only."""
+    from synth.generate import GENERATION_COLUMNS
+
+    heldout = load_dataset(sets["heldout"])
+    n = len(heldout.metadata)
+    meta = heldout.metadata.drop(columns="sha256").assign(
+        site=np.where(np.arange(n) % 2, "B", "A"), condition=np.arange(n) % 2, seed=np.arange(n) * 7919,
+        sampler="sde-dpmsolver++-karras-12", steps=12, guidance_scale=1.0)
+    generated = write_dataset(tmp_path / "gen", np.asarray(heldout.images), meta, class_names=heldout.class_names,
+                              source={"format": "test"}, extra={"generation_columns": list(GENERATION_COLUMNS)})
+    assert load_dataset(generated).header["attributes"] == ["site"]
+    # The memorization filter rewrites the set from its header (without `attributes`): still only `site`.
+    g = load_dataset(generated)
+    rewritten = write_dataset(tmp_path / "rewritten", np.asarray(g.images), g.metadata.drop(columns="sha256"),
+                              class_names=g.class_names, source={"format": "test"},
+                              extra={"generation_columns": g.header["generation_columns"]})
+    out = audit_utility(sets["real"], rewritten, tmp_path / "audit",
+                        config=SMALL.model_copy(update={"ratios": (), "fidelity": False}))
+    body = json.loads((out / HEADER).read_text())
+    assert set(body["trts"]["subgroups"]) == {"site"}
+    assert not set(GENERATION_COLUMNS) & set(body["trts"]["subgroups"])
+
+
 def _variant(src: Path, out: Path, *, images=None, class_names=None, keep=None, split=None) -> Path:
     ds = load_dataset(src)
     meta = ds.metadata

@@ -96,7 +96,11 @@ def write_dataset(
         ordered.append("patient_id")
     ordered += [c for c in meta.columns if c not in (*ordered, "sha256")] + ["sha256"]
     meta = meta[ordered]
-    attributes = [c for c in ordered if c not in ("image_id", "split", "label", "patient_id", "sha256")]
+    # Per-image bookkeeping of a generator (seed, sampler, ...) is not a patient attribute: it must never be
+    # grouped on (subgroup tables, disclosure) even when a later stage rewrites the set.
+    bookkeeping = set((extra or {}).get("generation_columns") or ())
+    attributes = [c for c in ordered
+                  if c not in ("image_id", "split", "label", "patient_id", "sha256") and c not in bookkeeping]
 
     with atomic_dir(Path(out), overwrite=overwrite) as tmp:
         np.save(tmp / IMAGES, np.ascontiguousarray(images), allow_pickle=False)

@@ -14,7 +14,7 @@ import numpy as np
 from synth.data.canonical import pixel_sha256, write_dataset
 from synth.data.duplicates import DuplicatePolicy, apply_policy
 from synth.data.sources import SourceData
-from synth.errors import InputError, where
+from synth.errors import ConfigError, InputError, where
 
 
 class SourceFormat(StrEnum):
@@ -70,9 +70,10 @@ def read_source(
     if fmt is SourceFormat.MEDMNIST:
         from synth.data.medmnist import read_medmnist
 
-        if size is not None or channels is not None or window is not None:
-            raise InputError(where(source, "--size/--channels/--window apply to image folders and DICOM, not .npz"))
-        return read_medmnist(str(source), class_names=class_names)
+        if window is not None:
+            raise InputError(where(source, "--window applies to DICOM sources only"))
+        return _reshape(read_medmnist(str(source), class_names=class_names), size=size, channels=channels,
+                        source=source)
     if csv is None:
         raise InputError(where(source, f"the {fmt.value} format needs --csv FILE"))
     if fmt is SourceFormat.IMAGEFOLDER:
@@ -86,6 +87,36 @@ def read_source(
     if channels not in (None, 1):
         raise InputError(where(source, "DICOM images are read as grayscale; --channels must be 1"))
     return read_dicom(path, Path(csv), size=size, class_names=class_names, window=window, seed=seed)
+
+
+def _reshape(data: SourceData, *, size: int | None, channels: int | None, source: str | Path) -> SourceData:
+    """An array source resized to size×size and/or converted to `channels`, like an image folder's files."""
+    from synth.data.imagefolder import _luma, check_size, resize_square
+
+    try:
+        size = check_size(size)
+    except ConfigError as e:
+        raise InputError(where(source, str(e))) from None
+    if channels not in (None, 1, 3):
+        raise InputError(where(source, f"--channels must be 1 or 3, got {channels!r}"))
+    images, notes = data.images, list(data.notes)
+    have = 1 if images.ndim == 3 else images.shape[3]
+    if channels is not None and channels != have:
+        if channels == 1:
+            images = np.stack([_luma(a) for a in images])
+            notes.append(f"{len(images)} colour images converted to grayscale (luma)")
+        else:
+            images = np.repeat(images[..., None], 3, axis=3)
+            notes.append(f"{len(images)} grayscale images replicated to 3 channels")
+    if size is not None and images.shape[1:3] != (size, size):
+        before = f"{images.shape[1]}×{images.shape[2]}"
+        images = np.stack([resize_square(a, size) for a in images])
+        notes.append(f"resized from {before} to {size}×{size} (center square crop, Lanczos when shrinking)")
+    if images is data.images:
+        return data
+    return SourceData(images=np.ascontiguousarray(images, dtype=np.uint8), metadata=data.metadata,
+                      class_names=data.class_names, source={**data.source, "resized_to": size},
+                      license=data.license, attribution=data.attribution, notes=notes)
 
 
 def ingest(

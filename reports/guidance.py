@@ -1,0 +1,145 @@
+"""Choose the classifier-free guidance scale on the real validation split, for the utility a release is judged by.
+
+Guidance trades diversity for class fidelity: at 2.5 the demo model's images were recognised perfectly by a
+real-trained classifier (TRTS 1.00) yet a classifier trained on them did worse on real patients (TSTR balanced
+accuracy 0.81 against 0.89 at 1.0). So the scale is chosen for the objective the gate judges, measured the way the
+audit measures it, but on data the audit never scores:
+
+    for each candidate scale g: generate `per_class` images of every class (seeds disjoint from the release's),
+    train the audit classifier on them (checkpoint chosen on real val, as in TSTR), score it on real val;
+    choose the g with the best balanced accuracy (its worst-class sensitivity breaks near-ties; then the smaller g).
+
+The real test split is never touched. Output: one atomic directory with `guidance.json` (kind
+"guidance_selection": every candidate's scores, the chosen scale, the objective); the generation stage reads the
+chosen scale from it, and the dataset card and datasheet report it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from reports.classifier import ClassifierConfig, torch_threads, train_classifier
+from reports.metrics import classification_metrics
+from synth.artifacts import atomic_dir, read_header, write_header
+from synth.data.canonical import load_dataset
+from synth.errors import InputError, where
+
+KIND = "guidance_selection"
+SCHEMA_VERSION = 1
+HEADER = "guidance.json"
+# Scores closer than this are a tie (the validation split's sampling noise is larger): prefer less guidance,
+# which keeps more diversity.
+TIE = 0.005
+
+
+class GuidanceSelectionConfig(BaseModel):
+    """How the guidance scale is chosen (written into the artifact's header)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    candidates: tuple[float, ...] = Field((1.0, 1.5, 2.0, 3.0), description="guidance scales tried (1 = none)")
+    per_class: int = Field(100, ge=10, le=100_000, description="images generated per class and candidate")
+    # Seeds disjoint from the release's (seed 0): the chosen scale is not fitted to the released images.
+    seed: int = Field(1_000_003, ge=0)
+    classifier: ClassifierConfig = ClassifierConfig(threads=1)
+
+    @field_validator("candidates")
+    @classmethod
+    def _candidates(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("candidates must list at least one guidance scale")
+        if any(not np.isfinite(g) or g < 0 or g > 50 for g in v):
+            raise ValueError(f"guidance scales must be in [0, 50], got {list(v)}")
+        return tuple(sorted(set(v)))
+
+
+def _score(images: np.ndarray, labels: np.ndarray, val_images: np.ndarray, val_labels: np.ndarray,
+           class_names: list[str], cfg: GuidanceSelectionConfig) -> dict[str, Any]:
+    clf = train_classifier(images, labels, val_images, val_labels, config=cfg.classifier,
+                           num_classes=len(class_names))
+    m = classification_metrics(val_labels, clf.predict_proba(val_images), class_names=class_names, n_boot=0)
+    return {"balanced_accuracy": m["balanced_accuracy"]["value"],
+            "worst_class_sensitivity": m["worst_class_sensitivity"]["value"], "worst_class": m["worst_class"],
+            "auroc": m["auroc"]["value"]}
+
+
+def choose(scores: dict[float, dict[str, Any]]) -> float:
+    """The scale with the best balanced accuracy; within `TIE` of it, the best worst-class sensitivity, then the
+    smallest scale."""
+    best = max(s["balanced_accuracy"] or 0.0 for s in scores.values())
+    near = [g for g, s in scores.items() if (s["balanced_accuracy"] or 0.0) >= best - TIE]
+    top = max(scores[g]["worst_class_sensitivity"] or 0.0 for g in near)
+    return min(g for g in near if (scores[g]["worst_class_sensitivity"] or 0.0) >= top - TIE)
+
+
+def select_guidance(
+    dataset_dir: Path,
+    model_dir: Path,
+    out: Path,
+    *,
+    sampler: str,
+    steps: int | None = None,
+    config: GuidanceSelectionConfig | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Try each candidate guidance scale of `config` with `model_dir` and write the choice atomically to `out`.
+
+    Raises `InputError` when the real set has no validation split or `out` exists.
+    """
+    from synth.generate import generate
+    from synth.pipeline import read_model_card
+
+    cfg = config or GuidanceSelectionConfig()
+    out, say = Path(out), progress or (lambda _msg: None)
+    if out.exists():
+        raise InputError(where(out, "already exists; choose another output or remove it"))
+    real = load_dataset(Path(dataset_dir))
+    val_images, val_meta = real.split("val")
+    if len(val_meta) == 0:
+        raise InputError(where(dataset_dir, "has no validation split to choose the guidance scale on"))
+    val_labels = val_meta["label"].to_numpy(dtype=np.int64)
+    names = list(real.class_names)
+    card = read_model_card(Path(model_dir))
+    scores: dict[float, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="synthgate-guidance-") as tmp:
+        for g in cfg.candidates:
+            say(f"guidance {g:g}: generating {cfg.per_class} images per class, training a classifier on them")
+            syn = generate(Path(model_dir), Path(tmp) / f"g{g:g}", per_class=dict.fromkeys(names, cfg.per_class),
+                           sampler=sampler, steps=steps, guidance_scale=g, batch_size=batch_size, seed=cfg.seed,
+                           device=device, progress=False)
+            ds = load_dataset(syn)
+            with torch_threads(cfg.classifier.threads):
+                scores[g] = _score(np.asarray(ds.images), ds.metadata["label"].to_numpy(dtype=np.int64),
+                                   np.asarray(val_images), val_labels, names, cfg)
+            say(f"guidance {g:g}: validation balanced accuracy {scores[g]['balanced_accuracy']:.3f}")
+    chosen = choose(scores)
+    body = {
+        "guidance_scale": chosen,
+        "objective": "balanced accuracy on the real validation split of a classifier trained on generated "
+                     "images (worst-class sensitivity breaks ties, then the smaller scale)",
+        "candidates": [{"guidance_scale": g, **s} for g, s in scores.items()],
+        "sampler": sampler,
+        "steps": steps,
+        "real_val_images": len(val_labels),
+    }
+    with atomic_dir(out) as tmp_out:
+        write_header(tmp_out, HEADER, kind=KIND, schema_version=SCHEMA_VERSION, files=[],
+                     inputs={"dataset": real.content_hash, "model": str(card["content_hash"])},
+                     config=cfg.model_dump(mode="json"), body=body)
+    return out
+
+
+def read_guidance(root: Path) -> dict[str, Any]:
+    """The selection's header (kind-checked); `["guidance_scale"]` is the chosen scale."""
+    header = read_header(Path(root), HEADER, kind=KIND)
+    if not isinstance(header.get("guidance_scale"), int | float):
+        raise InputError(where(Path(root) / HEADER, "has no chosen guidance_scale"))
+    return header

@@ -1,0 +1,63 @@
+"""Guidance selection on the real validation split: the choice rule, the artifact, and that the test split is never
+read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from reports.classifier import ClassifierConfig
+from reports.guidance import GuidanceSelectionConfig, choose, read_guidance, select_guidance
+from synth.data.canonical import Dataset, load_dataset
+from synth.errors import InputError
+from tests.model_fixtures import make_model_dir
+
+
+def _s(ba: float, worst: float) -> dict:
+    return {"balanced_accuracy": ba, "worst_class_sensitivity": worst}
+
+
+def test_choose_prefers_balanced_accuracy_then_the_worst_class_then_less_guidance() -> None:
+    assert choose({1.0: _s(0.80, 0.70), 2.0: _s(0.86, 0.80), 3.0: _s(0.84, 0.82)}) == 2.0
+    # Within the tie margin the worst class decides ...
+    assert choose({1.0: _s(0.860, 0.60), 2.0: _s(0.862, 0.80)}) == 2.0
+    assert choose({1.0: _s(0.862, 0.60), 2.0: _s(0.860, 0.80)}) == 2.0
+    # ... and when that ties too, the smaller scale (more diverse images) wins.
+    assert choose({1.5: _s(0.85, 0.80), 1.0: _s(0.852, 0.801), 3.0: _s(0.70, 0.9)}) == 1.0
+
+
+def test_config_rejects_bad_candidates() -> None:
+    with pytest.raises(ValueError, match="guidance scales must be in"):
+        GuidanceSelectionConfig(candidates=(1.0, -2.0))
+    assert GuidanceSelectionConfig(candidates=(3.0, 1.0, 3.0)).candidates == (1.0, 3.0)
+
+
+def test_selection_scores_every_candidate_on_val_never_test(pneumonia_slice: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.set_num_threads(1)
+    model = make_model_dir(tmp_path / "model", condition_counts=[32, 32])
+    read: list[str] = []
+    split = Dataset.split
+
+    def spy(self: Dataset, name: str):
+        read.append(name)
+        return split(self, name)
+
+    monkeypatch.setattr(Dataset, "split", spy)
+    cfg = GuidanceSelectionConfig(candidates=(1.0, 2.0), per_class=10,
+                                  classifier=ClassifierConfig(epochs=1, width=4, batch_size=16, threads=1))
+    out = select_guidance(pneumonia_slice, model, tmp_path / "guidance", sampler="ddim-2", config=cfg,
+                          device="cpu")
+    header = read_guidance(out)
+    assert "test" not in read and "val" in read
+    scores = {c["guidance_scale"]: c for c in header["candidates"]}
+    assert set(scores) == {1.0, 2.0}
+    assert header["guidance_scale"] == choose(scores)
+    assert header["inputs"]["dataset"] == load_dataset(pneumonia_slice).content_hash
+    assert header["real_val_images"] == 32
+    for c in scores.values():
+        assert 0.0 <= c["balanced_accuracy"] <= 1.0 and c["worst_class"] in ("normal", "pneumonia")
+    with pytest.raises(InputError, match="already exists"):
+        select_guidance(pneumonia_slice, model, out, sampler="ddim-2", config=cfg, device="cpu")
