@@ -91,7 +91,8 @@ def main() -> None:
 
     from reports.utility import UtilityConfig, plan_classifier_jobs
 
-    utility_cfg = {"classifier": {"epochs": 2, "threads": 1}, "ratios": [1.0], "fidelity": False, "n_boot": 50}
+    utility_cfg = {"classifier": {"epochs": 2, "threads": 1, "min_steps": None}, "ratios": [1.0], "fidelity": False,
+                   "n_boot": 50}
     rows = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

@@ -39,6 +39,10 @@ class ClassifierConfig(BaseModel):
     width: int = Field(16, ge=4, le=256, description="channels of the first stage; stages are w, 2w, 4w")
     blocks_per_stage: int = Field(1, ge=1, le=4)
     epochs: int = Field(8, ge=1, le=1000)
+    # Small training sets get more epochs, so every setting gets at least this many optimizer steps: with epochs
+    # alone a 600-image synthetic set got 40 steps against TRTR's ~300, and the undertrained TSTR classifier never
+    # predicted one class (balanced accuracy 0.52; 0.88 at 24 epochs, same images: benchmarks/README.md).
+    min_steps: int | None = Field(300, ge=1, le=100_000, description="least optimizer steps (None: epochs only)")
     batch_size: int = Field(128, ge=2, le=4096)
     lr: float = Field(3e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
@@ -228,6 +232,7 @@ class Classifier:
             "architecture": "SmallResNet",
             "feature_dim": self.model.feature_dim,
             "parameters": sum(p.numel() for p in self.model.parameters()),
+            "epochs": len(self.history),
             "best_epoch": self.best_epoch,
             "val_auroc": self.val_auroc,
             "train_seconds": round(self.train_seconds, 2),
@@ -245,6 +250,14 @@ def _image_shape(images: np.ndarray, name: str) -> tuple[int, int, int]:
     return (int(arr.shape[1]), int(arr.shape[2]), 1 if arr.ndim == 3 else int(arr.shape[3]))
 
 
+def epochs_for(config: ClassifierConfig, n_train: int) -> int:
+    """Epochs a training set of `n_train` images gets: `epochs`, or more to reach `min_steps` optimizer steps."""
+    steps_per_epoch = max(1, -(-n_train // config.batch_size))
+    if config.min_steps is None:
+        return config.epochs
+    return max(config.epochs, -(-config.min_steps // steps_per_epoch))
+
+
 def train_classifier(
     images: np.ndarray,
     labels: np.ndarray,
@@ -254,7 +267,8 @@ def train_classifier(
     config: ClassifierConfig | None = None,
     num_classes: int | None = None,
 ) -> Classifier:
-    """Train the audit CNN on (images, labels); pick the epoch with the best validation macro AUROC.
+    """Train the audit CNN on (images, labels) for `epochs_for(config, len(images))` epochs; pick the epoch with the
+    best validation macro AUROC.
 
     `num_classes` defaults to max(label) + 1 over both sets. The validation split is the only data used for model
     selection. Deterministic for a given config, machine and torch thread count (seeded init, order and
@@ -293,14 +307,15 @@ def train_classifier(
         )
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps_per_epoch = max(1, -(-len(y) // cfg.batch_size))
+        epochs = epochs_for(cfg, len(y))
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.2
+            opt, max_lr=cfg.lr, total_steps=epochs * steps_per_epoch, pct_start=0.2
         )
         best_key: tuple[float, float] | None = None
         best_state: dict[str, torch.Tensor] | None = None
         best_epoch, best_auroc = 0, None
         history: list[dict[str, float | None]] = []
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(1, epochs + 1):
             model.train()
             order = torch.randperm(len(y), generator=gen)
             total, seen = 0.0, 0

@@ -262,18 +262,20 @@ def card_header(facts: ReleaseFacts) -> dict[str, Any]:
     return header
 
 
-def balance_statement(facts: ReleaseFacts) -> str:
-    """Whether the release keeps the real class prevalence: a researcher must not read prevalence off it."""
-    balance = (facts.synthetic.generation or {}).get("balance")
-    if balance == "uniform":
-        return ("The classes were generated in **equal numbers** (`balance: uniform`), not at their real "
+def balance_statement(facts: ReleaseFacts) -> Markup:
+    """Whether the release keeps the real class prevalence: a researcher must not read prevalence off it.
+    (Fixed Markdown texts, chosen by a recorded value: nothing from the data is interpolated.)"""
+    return Markup(_BALANCE_TEXT.get((facts.synthetic.generation or {}).get("balance"), _BALANCE_TEXT[None]))
+
+
+_BALANCE_TEXT: dict[str | None, str] = {
+    "uniform": ("The classes were generated in **equal numbers** (`balance: uniform`), not at their real "
                 "prevalence (last column): a classifier trained on this set learns every class rather than the "
-                "prior; recalibrate its outputs before reading probabilities as real-world risks.")
-    if balance == "prior":
-        return "The classes were generated in proportion to the real training set (`balance: prior`)."
-    if balance == "per_class":
-        return "The steward chose the number of images of each class; compare with the real prevalence above."
-    return "How the class counts were chosen is not recorded."
+                "prior; recalibrate its outputs before reading probabilities as real-world risks."),
+    "prior": "The classes were generated in proportion to the real training set (`balance: prior`).",
+    "per_class": "The steward chose the number of images of each class; compare with the real prevalence above.",
+    None: "How the class counts were chosen is not recorded.",
+}
 
 
 def utility_statement(facts: ReleaseFacts) -> str:

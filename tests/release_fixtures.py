@@ -142,6 +142,12 @@ def demo_facts(synthetic: SyntheticFacts | None = None, **overrides: Any) -> Rel
             disclosure_k=5,
         ),
         "utility_audit": UtilityAuditFacts(
+            balanced_accuracy={"TRTR": Estimate(value=0.89, ci_low=0.86, ci_high=0.91, ci_level=0.95),
+                               "TSTR": Estimate(value=0.84, ci_low=0.81, ci_high=0.87, ci_level=0.95)},
+            worst_class_sensitivity={"TRTR": Estimate(value=0.81), "TSTR": Estimate(value=0.74)},
+            worst_class={"TRTR": "normal", "TSTR": "normal"},
+            ratios={"balanced_accuracy": Estimate(value=0.944), "worst_class_sensitivity": Estimate(value=0.914)},
+            majority_baseline={"class": "pneumonia", "accuracy": 0.625, "balanced_accuracy": 0.5},
             auroc={
                 "TRTR": Estimate(value=0.95, ci_low=0.93, ci_high=0.97, ci_level=0.95),
                 "TSTR": Estimate(value=0.88, ci_low=0.85, ci_high=0.91, ci_level=0.95),

@@ -149,7 +149,7 @@ def _utility(out: Path, real: Path, synthetic: Path) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = UtilityConfig(classifier=ClassifierConfig(epochs=3, width=8, batch_size=32, threads=1),
+        cfg = UtilityConfig(classifier=ClassifierConfig(epochs=3, width=8, batch_size=32, threads=1, min_steps=None),
                             ratios=(1.0,), n_boot=200,
                             fidelity_config=FidelityConfig(kid_subset_size=16, kid_subsets=5))
         return audit_utility(real, synthetic, out, config=cfg)

@@ -12,7 +12,7 @@ from reports.classifier import ClassifierConfig, SmallResNet, _augment, train_cl
 from reports.metrics import auroc
 from synth.errors import InputError
 
-TINY = ClassifierConfig(epochs=2, width=8, batch_size=64)
+TINY = ClassifierConfig(epochs=2, width=8, batch_size=64, min_steps=None)
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,7 @@ def test_shapes_for_sizes_and_channels(size: int, channels: int) -> None:
     shape = (24, size, size) if channels == 1 else (24, size, size, channels)
     x = rng.integers(0, 256, shape, dtype=np.uint8)
     y = np.arange(24) % 3
-    clf = train_classifier(x, y, x[:9], y[:9], config=ClassifierConfig(epochs=1, width=4, batch_size=8))
+    clf = train_classifier(x, y, x[:9], y[:9], config=ClassifierConfig(epochs=1, width=4, batch_size=8, min_steps=None))
     p = clf.predict_proba(x[:5])
     assert p.shape == (5, 3) and np.allclose(p.sum(1), 1.0)
     assert clf.features(x[:5]).shape == (5, 16)  # 4 × width
@@ -60,7 +60,7 @@ def test_64px_costs_about_as_much_as_28px() -> None:
 
 def test_learns_pneumonia_and_is_deterministic(pneumonia: dict[str, np.ndarray]) -> None:
     p = pneumonia
-    cfg = ClassifierConfig(epochs=4, width=8, batch_size=32)
+    cfg = ClassifierConfig(epochs=4, width=8, batch_size=32, min_steps=None)
     a = train_classifier(p["x_train"], p["y_train"], p["x_val"], p["y_val"], config=cfg)
     b = train_classifier(p["x_train"], p["y_train"], p["x_val"], p["y_val"], config=cfg)
     pa = a.predict_proba(p["x_test"])
@@ -75,7 +75,7 @@ def test_learns_pneumonia_and_is_deterministic(pneumonia: dict[str, np.ndarray])
 def test_checkpoint_is_chosen_on_validation_auroc(pneumonia: dict[str, np.ndarray]) -> None:
     p = pneumonia
     clf = train_classifier(p["x_train"], p["y_train"], p["x_val"], p["y_val"],
-                           config=ClassifierConfig(epochs=4, width=8, batch_size=64, lr=1e-2))
+                           config=ClassifierConfig(epochs=4, width=8, batch_size=64, lr=1e-2, min_steps=None))
     hist = clf.history
     best = max(hist, key=lambda h: (h["val_auroc"], -h["val_loss"]))
     assert clf.best_epoch == best["epoch"] and clf.val_auroc == best["val_auroc"]
@@ -91,7 +91,7 @@ def test_class_weighting_counters_imbalance(pneumonia: dict[str, np.ndarray]) ->
     x, y = p["x_train"][keep], p["y_train"][keep]
     recalls = {}
     for weighting in (True, False):
-        cfg = ClassifierConfig(epochs=10, width=8, batch_size=32, class_weighting=weighting)
+        cfg = ClassifierConfig(epochs=10, width=8, batch_size=32, class_weighting=weighting, min_steps=None)
         pred = train_classifier(x, y, p["x_val"], p["y_val"], config=cfg).predict_proba(p["x_test"]).argmax(1)
         recalls[weighting] = (pred[p["y_test"] == 0] == 0).mean()
     assert recalls[True] > recalls[False] + 0.1  # measured 0.84 vs 0.63
@@ -121,6 +121,17 @@ def test_bad_inputs_are_one_line_input_errors(pneumonia: dict[str, np.ndarray]) 
         train_classifier(x[y == 0], y[y == 0], p["x_val"], p["y_val"], config=TINY, num_classes=2)
     with pytest.raises(InputError, match="non-empty uint8"):
         train_classifier(x.astype(np.float32), y, p["x_val"], p["y_val"], config=TINY)
-    clf = train_classifier(x, y, p["x_val"][:10], p["y_val"][:10], config=ClassifierConfig(epochs=1, width=4))
+    clf = train_classifier(x, y, p["x_val"][:10], p["y_val"][:10],
+                           config=ClassifierConfig(epochs=1, width=4, min_steps=None))
     with pytest.raises(InputError, match=r"expects images of shape \(28, 28, 1\)"):
         clf.predict_proba(rgb)
+
+
+def test_small_training_sets_get_at_least_min_steps() -> None:
+    from reports.classifier import epochs_for
+
+    cfg = ClassifierConfig(epochs=8, batch_size=128, min_steps=300)
+    assert epochs_for(cfg, 4690) == 9  # 37 steps an epoch: 8 give 296 < 300
+    assert epochs_for(cfg.model_copy(update={"min_steps": 400}), 4690) == 11
+    assert epochs_for(cfg, 600) == 60  # 5 steps an epoch
+    assert epochs_for(cfg.model_copy(update={"min_steps": None}), 600) == 8

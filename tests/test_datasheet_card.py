@@ -159,7 +159,10 @@ def test_card_explains_loading_verifying_and_attribution():
     for heading in ("## How to load", "## How to verify", "## Audits", "## Limitations", "## License and attribution",
                     "## Citation"):
         assert heading in text
-    assert "| TSTR | 0.880 (95% CI 0.850–0.910) | 0.820 |" in text
+    assert "| TSTR | 0.840 (95% CI 0.810–0.870) | 0.740 (normal) | 0.880 (95% CI 0.850–0.910) | 0.820 |" in text
+    # The headline ratios and the majority-class floor, in words.
+    assert "0.944× the balanced accuracy" in text and "0.914× its sensitivity on the worst-served class" in text
+    assert "always predicting the most frequent class (pneumonia) scores balanced accuracy 0.500" in text
 
 
 def test_license_helpers():
@@ -329,3 +332,28 @@ def test_sampler_label_from_a_config_dump_keeps_its_noise_schedule(tmp_path):
     karras = synthetic("k", {"name": "sde-dpmsolver++", "steps": 12, "step_schedule": "karras"})
     assert SyntheticFacts.from_dataset(karras).sampler == "sde-dpmsolver++-karras-12"
     assert SyntheticFacts.from_dataset(synthetic("d", {"name": "ddim", "steps": 25})).sampler == "ddim-25"
+
+
+def test_card_and_datasheet_state_released_and_real_class_prevalence():
+    base = demo_facts()
+    real = base.source.model_copy(update={"counts_per_class": {
+        "train": {"normal": 1214, "pneumonia": 3476}, "val": {"normal": 135, "pneumonia": 381},
+        "test": {"normal": 234, "pneumonia": 387}}})
+    uniform = base.synthetic.model_copy(update={
+        "counts_per_class": {"normal": 300, "pneumonia": 300},
+        "generation": {"balance": "uniform", "sampler": {"guidance_scale": 1.0},
+                       "guidance_selection": {"guidance_scale": 1.0, "objective": "val balanced accuracy",
+                                              "candidates": [{"guidance_scale": 1.0, "balanced_accuracy": 0.88},
+                                                             {"guidance_scale": 2.0, "balanced_accuracy": 0.84}]}}})
+    facts = demo_facts(synthetic=uniform, source=real, model=base.model.model_copy(update={"guidance_scale": 1.0}))
+    card = render_dataset_card(facts)
+    assert "| 0 | normal | `0_normal` | 300 | 50.00% | 25.88% |" in card
+    assert "| 1 | pneumonia | `1_pneumonia` | 300 | 50.00% | 74.12% |" in card
+    assert "generated in **equal numbers** (`balance: uniform`), not at their real prevalence" in card
+    assert "chosen on the real **validation** split (never the test split)" in card and "2.0 → 0.840" in card
+    sheet = render_datasheet(facts)
+    assert "generated in **equal numbers**" in sheet
+    assert "chosen on the real validation split, never the test split" in sheet
+    prior = render_dataset_card(demo_facts(synthetic=uniform.model_copy(update={"generation": {"balance": "prior"}}),
+                                           source=real))
+    assert "in proportion to the real training set (`balance: prior`)" in prior

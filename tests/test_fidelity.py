@@ -145,7 +145,7 @@ def test_real_data_halves_are_close_and_noise_is_far(data_dir: Path) -> None:
     rng = np.random.default_rng(0)
     idx = rng.permutation(len(x))
     clf = train_classifier(x[idx[:256]], y[idx[:256]], d["val_images"][:128], d["val_labels"].ravel()[:128],
-                           config=ClassifierConfig(epochs=1, width=8))
+                           config=ClassifierConfig(epochs=1, width=8, min_steps=None))
     half_a, half_b = clf.features(x[idx[256:1256]]), clf.features(x[idx[1256:2256]])
     noise = clf.features(rng.integers(0, 256, size=(1000, 28, 28), dtype=np.uint8))
     cfg = FidelityConfig(kid_subset_size=500, kid_subsets=10)

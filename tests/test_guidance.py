@@ -47,7 +47,8 @@ def test_selection_scores_every_candidate_on_val_never_test(pneumonia_slice: Pat
 
     monkeypatch.setattr(Dataset, "split", spy)
     cfg = GuidanceSelectionConfig(candidates=(1.0, 2.0), per_class=10,
-                                  classifier=ClassifierConfig(epochs=1, width=4, batch_size=16, threads=1))
+                                  classifier=ClassifierConfig(epochs=1, width=4, batch_size=16, threads=1,
+                                                               min_steps=None))
     out = select_guidance(pneumonia_slice, model, tmp_path / "guidance", sampler="ddim-2", config=cfg,
                           device="cpu")
     header = read_guidance(out)

@@ -36,8 +36,15 @@ def write_real_slice(npz_in, npz_out, sizes, seed=0):
     return npz_out
 
 
+# A 24-step tiny model cannot carry the clinical signal: these tests exercise the flow's mechanics, so the utility
+# checks are off here; `test_default_policy_blocks_the_tiny_model_on_utility` runs the same stages with them on.
+UTILITY_OFF = {"min_tstr_trtr_balanced_accuracy_ratio": None, "min_tstr_trtr_worst_class_ratio": None,
+               "min_trts_balanced_accuracy": None}
+
+
 def small_config(tmp, source, **updates):
     data = {
+        "policy": UTILITY_OFF,
         "title": "Synthetic PneumoniaMNIST slice",
         "workdir": str(tmp / "work"),
         "releases_dir": str(tmp / "releases"),
@@ -48,7 +55,7 @@ def small_config(tmp, source, **updates):
         "train": {"preset": "tiny", "max_steps": 24, "checkpoint_every": 8, "batch_size": 32},
         "generate": {"n": 48, "batch_size": 48, "steps": 8},
         "privacy_audit": {"encoder": {"steps": 20, "batch_size": 64}},
-        "utility_audit": {"classifier": {"epochs": 1, "threads": 1}, "n_boot": 50, "ratios": [1.0],
+        "utility_audit": {"classifier": {"epochs": 1, "threads": 1, "min_steps": None}, "n_boot": 50, "ratios": [1.0],
                           "fidelity": False},
         "approval": {"auto_approve": True},
     }
@@ -195,6 +202,24 @@ def _run_paused_release(cfg, decision):
     return out["result"]
 
 
+def test_default_policy_blocks_the_tiny_model_on_utility(released):
+    """The default gate judges utility: the tiny model's synthetic set does not train a usable classifier, so the
+    same run (every stage reused) is blocked with the reason, and nothing is published."""
+    from flows.policy import Policy
+    from flows.release import release
+
+    tmp, cfg, _ = released
+    default = cfg.model_copy(update={"policy": Policy(), "releases_dir": tmp / "releases-default-policy"})
+    with pytest.raises(Exception, match=r"blocked by the gate: .*TRTS balanced accuracy [0-9.]+ < 0.7"):
+        release(config=default)
+    assert not (tmp / "releases-default-policy").exists()
+    verdict = json.loads((tmp / "work" / "verdict.json").read_text())
+    checks = {c["rule"]: c for c in verdict["checks"]}
+    assert {"min_tstr_trtr_balanced_accuracy_ratio", "min_tstr_trtr_worst_class_ratio",
+            "min_trts_balanced_accuracy"} <= set(checks)
+    assert checks["min_trts_balanced_accuracy"]["passed"] is False
+
+
 def test_steward_approval_goes_into_the_bundle(released):
     tmp, cfg, _ = released
     manual = cfg.model_copy(update={
@@ -244,11 +269,11 @@ def test_planted_training_copies_block_the_release(released, tmp_path):
                           filter_out=tmp_path / "filtered")
     inputs = gate_inputs(audit, work / "audit-utility", work / "model", tmp_path / "filtered")
     assert inputs.flagged_fraction == 0.0 and inputs.flagged_fraction_before_filter >= 0.25
-    verdict = gate(inputs, Policy())
+    verdict = gate(inputs, Policy(**UTILITY_OFF))
     assert verdict.decision == "block"
     assert [c.rule for c in verdict.checks if not c.passed] == ["max_flagged_fraction_before_filter"]
     # Without filtering, the copies would be released: blocked by the released-set rule too.
-    unfiltered = gate(gate_inputs(audit, work / "audit-utility", work / "model", bad), Policy())
+    unfiltered = gate(gate_inputs(audit, work / "audit-utility", work / "model", bad), Policy(**UTILITY_OFF))
     assert {"max_flagged_fraction", "max_flagged_fraction_before_filter"} <= {
         c.rule for c in unfiltered.checks if not c.passed}
 
@@ -264,7 +289,7 @@ def test_dp_release_carries_a_checked_epsilon(released):
     dp_cfg = cfg.model_copy(update={
         "workdir": tmp / "work-dp", "releases_dir": tmp / "releases-dp", "title": "DP slice",
         "dp": DPSettings(enabled=True, epsilon=8.0),
-        "policy": Policy(require_dp=True, max_epsilon=10.0, max_delta=1e-2),
+        "policy": Policy(require_dp=True, max_epsilon=10.0, max_delta=1e-2, **UTILITY_OFF),
     })
     result = release(config=dp_cfg)
     assert result.status == "published"
@@ -280,7 +305,7 @@ def test_dp_release_carries_a_checked_epsilon(released):
     assert audit["ledger_check"]["passed"] is True
 
     # The same run against a stricter policy is blocked, with the reason, and nothing is published.
-    strict = dp_cfg.model_copy(update={"policy": Policy(require_dp=True, max_epsilon=1.0),
+    strict = dp_cfg.model_copy(update={"policy": Policy(require_dp=True, max_epsilon=1.0, **UTILITY_OFF),
                                        "releases_dir": tmp / "releases-dp-strict"})
     with pytest.raises(Exception, match=r"blocked by the gate: ε [0-9.]+ > 1"):
         release(config=strict)

@@ -20,7 +20,8 @@ from synth.data.canonical import load_dataset, write_dataset
 from synth.errors import InputError
 
 SMALL = UtilityConfig(
-    classifier=ClassifierConfig(epochs=8, width=8, batch_size=32, threads=1),  # module fixtures run before autouse
+    # threads: module fixtures run before autouse; min_steps: the 256-image sets get 64 steps (8 epochs), not 300
+    classifier=ClassifierConfig(epochs=8, width=8, batch_size=32, threads=1, min_steps=64),
     ratios=(0.5, 1.0),
     n_boot=300,
     fidelity_config=FidelityConfig(kid_subset_size=100, kid_subsets=10),

@@ -36,7 +36,7 @@ from synth.errors import InputError, IntegrityError
 REPO = Path(__file__).resolve().parents[1]
 # threads=None on purpose: jobs must pin torch's thread count themselves.
 CFG = UtilityConfig(
-    classifier=ClassifierConfig(epochs=2, width=4, batch_size=16),
+    classifier=ClassifierConfig(epochs=2, width=4, batch_size=16, min_steps=None),
     ratios=(0.5, 1.0, 2.0),
     n_boot=50,
     fidelity_config=FidelityConfig(kid_subset_size=20, kid_subsets=3),
@@ -160,7 +160,7 @@ def test_jobs_that_do_not_belong_to_the_audit_are_refused(runs: dict, sets: dict
              rf"^{re.escape(str(foreign_real))}: was trained for another real set")
     foreign_cfg = run_classifier_job(sets["real"], sets["synthetic"], "tstr", root / "foreign-config",
                                      config=CFG.model_copy(update={"classifier": ClassifierConfig(
-                                         epochs=1, width=4, batch_size=16)}))
+                                         epochs=1, width=4, batch_size=16, min_steps=None)}))
     _refused(runs, sets, {**jobs, "tstr": foreign_cfg}, InputError,
              rf"^{re.escape(str(foreign_cfg))}: was trained with another config: classifier.epochs = 1, "
              r"this audit's is 2$")
