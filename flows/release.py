@@ -116,6 +116,11 @@ def bundle_task(cfg: ReleaseConfig, **kwargs: object) -> Path:
     return stages.bundle_stage(cfg, **kwargs)  # type: ignore[arg-type]
 
 
+@_task("already-published")
+def published_task(cfg: ReleaseConfig, release_id: str) -> Path | None:
+    return stages.published_stage(cfg, release_id)
+
+
 @_task("publish")
 def publish_task(cfg: ReleaseConfig, bundle: Path, release_id: str) -> Path:
     return stages.publish_stage(cfg, bundle, release_id)
@@ -191,6 +196,11 @@ def release(config: ReleaseConfig) -> ReleaseResult:
     if not verdict.passed:
         log.error("release blocked: %s", "; ".join(verdict.reasons))
         raise PolicyBlocked(f"release {release_id} blocked by the gate: " + "; ".join(verdict.reasons))
+
+    existing = published_task(cfg, release_id)
+    if existing is not None:  # a rerun after a crash past the move into the releases directory
+        log.info("release %s was already published at %s; index rebuilt", release_id, existing)
+        return ReleaseResult(status="published", release_id=release_id, bundle=existing, report=report)
 
     if cfg.approval.auto_approve:
         approval = auto_approval()

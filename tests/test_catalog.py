@@ -286,8 +286,8 @@ def test_concurrent_downloads_are_byte_identical(env):
     rows = _wait_for_downloads(store, before + 50)[before:]
     assert len(rows) == 50 and all(r["complete"] == 1 and r["bytes"] == results[0][2] for r in rows)
     # the stream is exactly what tarfile would produce from the same members
-    manifest = json.loads((env["releases"] / "r-1" / "manifest.json").read_text())
-    members = bundle_members(env["releases"] / "r-1", "r-1", manifest)
+    verified = verify_bundle(env["releases"] / "r-1", env["public"], release_id="r-1")
+    members = bundle_members(env["releases"] / "r-1", "r-1", verified.manifest, verified.signing_files)
     assert archive_size(members) == results[0][2]
     assert hashlib.sha256(b"".join(iter_tar(members, chunk=1000))).hexdigest() == results[0][1]
 

@@ -195,7 +195,7 @@ def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25
         token = authorize(request, credentials)
         if not store.has_accepted(token.id, r.release_id, r.terms_sha256):
             raise refuse(request, 403, "terms not accepted for this release", token)
-        members = bundle_members(r.root, r.release_id, r.manifest)
+        members = bundle_members(r.root, r.release_id, r.manifest, r.signing_files)
         size = archive_size(members)
         started = now()
         progress = {"sent": 0}

@@ -192,7 +192,8 @@ def unpack_and_verify(archive: Path, release_id: str, out: Path, public_key: Ed2
     """Safely unpack a downloaded release tar into `out` (atomically) and verify it with `public_key`."""
     with atomic_dir(Path(out)) as tmp:
         safe_extract(archive, release_id, tmp)
-        result = verify_bundle(tmp, public_key)
+        # The signed release id must be the one the URL asked for: a server could hand back another genuine release.
+        result = verify_bundle(tmp, public_key, release_id=release_id)
     return dataclasses.replace(result, root=Path(out))
 
 
