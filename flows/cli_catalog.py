@@ -135,13 +135,20 @@ def fetch_cmd(
     key: Annotated[Path, typer.Option("--key", "-k", help="The publisher's public key (release.pub).")],
     accept_terms: Annotated[bool, typer.Option("--accept-terms", help="Accept the release's terms (read them on "
                                                "its page first) before downloading.")] = False,
-    max_gb: Annotated[float, typer.Option("--max-gb", help="Refuse archives larger than this (GB).")] = 50.0,
+    max_gb: Annotated[float, typer.Option("--max-gb", help="Refuse archives larger than this (GB), downloaded or "
+                                          "unpacked.")] = 50.0,
 ) -> None:
     """Download a release, unpack it safely and verify it with the publisher's key. Exit 1 if it does not verify."""
     from urllib.parse import urlsplit
 
+    import math
+
     from flows.catalog.fetch import fetch, loading_hint
     from flows.keys import load_public_key
+    from synth.errors import InputError
+
+    if not (math.isfinite(max_gb) and max_gb > 0):
+        raise InputError(f"--max-gb must be a positive number, got {max_gb!r}")
 
     parts = urlsplit(url)
     if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import socket
+import tarfile
 import time
 from datetime import timedelta
 
@@ -15,6 +17,7 @@ import pytest
 from flows.catalog import releases as releases_module
 from flows.catalog.app import MAX_BODY_BYTES, create_app
 from flows.catalog.archive import bundle_members, iter_tar
+from flows.catalog.fetch import safe_extract
 from flows.catalog.releases import ReleaseCatalog
 from flows.catalog.store import now
 from flows.cli import run
@@ -207,3 +210,48 @@ def test_idle_and_trickling_connections_are_closed(cat):
             assert _closed_by_server(trickle)
         # a normal request still works after all that
         assert httpx.get(url + "/api/releases").status_code == 200
+
+
+def _sparse_tar(name: str, real_size: int) -> bytes:
+    """A GNU sparse member: 512 stored bytes that tarfile unpacks to `real_size` bytes (mostly a hole)."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, 512
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    # sparse map entry 0 at offset 386: (offset, numbytes) as 12-byte octal fields; real size at 483
+    header[386:398] = tarfile.itn(real_size - 512, 12, tarfile.GNU_FORMAT)
+    header[398:410] = tarfile.itn(512, 12, tarfile.GNU_FORMAT)
+    header[483:495] = tarfile.itn(real_size, 12, tarfile.GNU_FORMAT)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header[:512])
+    return bytes(header[:512]) + b"x" * 512 + b"\0" * tarfile.RECORDSIZE
+
+
+def test_sparse_members_are_refused_before_anything_is_written(tmp_path):
+    archive = tmp_path / "sparse.tar"
+    archive.write_bytes(_sparse_tar("r-1/big.png", 64 << 20))
+    with tarfile.open(archive) as tar:  # what the attack relies on: tarfile would unpack 64 MB from 10 kB
+        assert tar.getmembers()[0].issparse()
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(IntegrityError, match="sparse"):
+        safe_extract(archive, "r-1", dest)
+    assert list(dest.iterdir()) == []
+
+
+def test_unpacked_bytes_are_bounded(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"r-1/f{i}.png")
+            info.size = 4000
+            tar.addfile(info, io.BytesIO(b"p" * 4000))
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(buf.getvalue())
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(IntegrityError, match="more than the limit 10,000 bytes"):
+        safe_extract(archive, "r-1", dest, max_bytes=10_000)
+    assert sorted(p.name for p in dest.iterdir()) == ["f0.png", "f1.png"]  # the third was never written
+    dest2 = tmp_path / "out2"
+    dest2.mkdir()
+    assert safe_extract(archive, "r-1", dest2, max_bytes=12_000) == 3
