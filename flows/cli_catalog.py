@@ -139,9 +139,8 @@ def fetch_cmd(
                                           "unpacked.")] = 50.0,
 ) -> None:
     """Download a release, unpack it safely and verify it with the publisher's key. Exit 1 if it does not verify."""
-    from urllib.parse import urlsplit
-
     import math
+    from urllib.parse import urlsplit
 
     from flows.catalog.fetch import fetch, loading_hint
     from flows.keys import load_public_key
