@@ -91,6 +91,9 @@ def release_cmd(
     from flows.release import release
 
     _one_line_user_errors()  # after Prefect set up its console handler (on import)
+    from flows.termination import exit_after_sigterm
+
+    exit_after_sigterm()
 
     result = release(config=cfg)
     if result.status != "published":
