@@ -174,11 +174,14 @@ FOLDER = {
     "csv not utf-8": _folder_case(lambda f, c: c.write_bytes(b"file,label\ni0.png,\xff\xfe\n")),
     "row longer than header": _folder_case(lambda f, c: c.write_text("file,label\ni0.png,a,extra\n")),
     "reserved column": _folder_case(lambda f, c: c.write_text("file,label,sha256\ni0.png,a,x\n")),
+    "over the size limit": _folder_case(lambda f, c: [Image.new("L", (200, 200)).save(f / f"i{i}.png")
+                                                      for i in range(4)]),
 }
 
 
 @pytest.mark.parametrize("case", list(FOLDER))
-def test_malformed_image_folder(tmp_path, capsys, case):
+def test_malformed_image_folder(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setenv("SYNTHGATE_MAX_INPUT_GB", "0.0001")  # 100 kB: four 200×200 images are over it
     folder, csv = FOLDER[case](tmp_path)
     _expect_one_line_error(tmp_path, capsys, ["ingest", str(folder), "--csv", str(csv), "--out",
                                               str(tmp_path / "ds")])
@@ -199,12 +202,22 @@ def _truncated_dicom(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-10])
 
 
+def _huge_dicom(path: Path) -> None:
+    import pydicom
+
+    make_dicom(path, ramp(0, 1000))
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = 60_000, 60_000  # 3.6 G pixels declared over 32 bytes of pixel data
+    ds.save_as(path)
+
+
 DICOM = {
     "not DICOM": _dicom_case(lambda p: p.write_bytes(b"\0" * 128 + b"DICM" + b"garbage" * 20)),
     "no pixel data": _dicom_case(lambda p: make_dicom(p, None)),
     "multi-frame": _dicom_case(lambda p: make_dicom(p, np.stack([ramp(0, 9)] * 2), frames=2)),
     "colour": _dicom_case(lambda p: make_dicom(p, np.zeros((4, 4, 3), np.uint8), photometric="RGB", samples=3)),
     "truncated pixel data": _dicom_case(_truncated_dicom),
+    "3.6 G pixels declared": _dicom_case(_huge_dicom),
 }
 
 

@@ -93,3 +93,49 @@ def check_npz_size(path: Path, limit: int | None = None) -> None:
     declared = sum(math.prod(shape) * dtype.itemsize for shape, dtype in npz_declared_arrays(path).values())
     if declared > limit:
         raise too_large(path, declared, limit, "its arrays")
+
+
+# One image may not declare more pixels than Pillow's own decompression-bomb error threshold (2 × 89.5M).
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+
+def check_images_size(declared: list[tuple[Path, int, int, int]], size: int | None,
+                      limit: int | None = None) -> None:
+    """Refuse a folder whose images, as declared by their headers as (file, height, width, channels), would
+    stack into more than `limit` bytes (each resized to `size`×`size` when given), or that holds one image larger
+    than `MAX_IMAGE_PIXELS`."""
+    limit = max_input_bytes() if limit is None else limit
+    total = 0
+    for path, height, width, channels in declared:
+        if height * width > MAX_IMAGE_PIXELS:
+            raise InputError(where(path, f"declares {height}×{width} pixels, more than {MAX_IMAGE_PIXELS:,} "
+                                         "(a decompression bomb?)"))
+        total += (size * size if size is not None else height * width) * channels
+    if total > limit:
+        raise too_large(declared[0][0].parent, total, limit, f"its {len(declared)} images")
+
+
+def declared_image_shape(path: Path) -> tuple[Path, int, int, int]:
+    """(path, height, width, output channels) of an image file from its header, without decoding its pixels.
+
+    A header that cannot be read declares nothing here: the reader refuses that file with its precise error."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            bands = len(image.getbands())
+    except Exception:  # Pillow's openers raise many types
+        return path, 0, 0, 1
+    return path, height, width, 1 if bands == 1 else 3
+
+
+def declared_dicom_shape(path: Path) -> tuple[Path, int, int, int]:
+    """(path, rows, columns, 1) of a DICOM file from its header (pixel data not read); zeros when unreadable."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return path, int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0), 1
+    except Exception:  # malformed headers raise many types; read_dicom reports them precisely
+        return path, 0, 0, 1
