@@ -106,3 +106,13 @@ def test_overlong_release_id_is_an_input_error():
     with pytest.raises(InputError, match="at most 100 characters"):
         check_release_id("a" * 5000)
     assert check_release_id("a" * 100) == "a" * 100
+
+
+def test_a_malformed_neighbour_does_not_break_publishing(tmp_path, signed):
+    make, public = signed
+    releases = tmp_path / "releases"
+    publish(make("a"), releases, public, release_id="r-1")
+    (releases / "r-1" / "signature").write_text("[" * 100_000 + "]" * 100_000)
+    publish(make("b", release_id="r-2"), releases, public, release_id="r-2")
+    index = json.loads((releases / "index.json").read_text())
+    assert [r["release_id"] for r in index["releases"]] == ["r-2"] and index["hidden_failed_verification"] == ["r-1"]
