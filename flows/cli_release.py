@@ -52,8 +52,8 @@ def verify_cmd(
     console.print(
         f"[green]valid[/]: {result.files} files, {result.bytes:,} bytes, signed by key {result.fingerprint[:16]}…"
     )
-    console.print(f"release {escape(result.release_id or '(no id signed)')}: {escape(str(p.get('summary', '')))}"
-                  .rstrip(": "))
+    summary = p.get("summary") if isinstance(p.get("summary"), str) else ""
+    console.print(f"release {escape(result.release_id or '(no id signed)')}: {escape(summary)}".rstrip(": "))
     console.print(f"privacy: {_privacy_line(p.get('privacy'))}")
 
 

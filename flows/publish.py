@@ -122,19 +122,25 @@ def scan_releases(releases_dir: Path, public_key: Ed25519PublicKey) -> tuple[lis
         except IntegrityError:
             failed.append(child.name)
             continue
-        pred = result.predicate
-        privacy = pred.get("privacy") or {}
-        entries.append(CatalogEntry(
-            release_id=child.name,
-            path=child.name + "/",
-            summary=str(pred.get("summary", "")),
-            epsilon=privacy.get("epsilon"),
-            delta=privacy.get("delta"),
-            images=(pred.get("synthetic") or {}).get("images"),
-            fingerprint=result.fingerprint,
-            created=pred.get("created"),
-        ))
+        entries.append(_entry(child.name, result.predicate, result.fingerprint))
     return entries, failed
+
+
+def _entry(release_id: str, pred: dict[str, Any], fp: str) -> CatalogEntry:
+    # The predicate is signed by the steward but still data: take only values of the expected types.
+    privacy = pred.get("privacy") if isinstance(pred.get("privacy"), dict) else {}
+    synthetic = pred.get("synthetic") if isinstance(pred.get("synthetic"), dict) else {}
+    return CatalogEntry(
+        release_id=release_id, path=release_id + "/", summary=_typed(pred.get("summary"), str) or "",
+        epsilon=_typed(privacy.get("epsilon"), float), delta=_typed(privacy.get("delta"), float),
+        images=_typed(synthetic.get("images"), int), fingerprint=fp, created=_typed(pred.get("created"), str),
+    )
+
+
+def _typed(value: Any, kind: type) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float if kind is float else kind):
+        return None
+    return value
 
 
 def write_index(releases_dir: Path, public_key: Ed25519PublicKey) -> list[CatalogEntry]:

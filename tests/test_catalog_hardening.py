@@ -255,3 +255,29 @@ def test_unpacked_bytes_are_bounded(tmp_path):
     dest2 = tmp_path / "out2"
     dest2.mkdir()
     assert safe_extract(archive, "r-1", dest2, max_bytes=12_000) == 3
+
+
+def test_odd_signed_predicate_shapes_are_shown_as_absent(tmp_path, capsys):
+    from flows.keys import generate_keys, load_private_key, load_public_key
+    from flows.publish import publish
+    from flows.signing import sign_bundle
+
+    private_path, public_path = generate_keys(tmp_path / "keys")
+    bundle = tmp_path / "work" / "odd"
+    bundle.mkdir(parents=True)
+    (bundle / "README.md").write_text("card")
+    deep: list = []
+    for _ in range(900):
+        deep = [deep]
+    sign_bundle(bundle, load_private_key(private_path), predicate={
+        "release_id": "r-odd", "summary": deep, "privacy": ["epsilon", 1], "synthetic": {"images": "many"},
+        "created": {"a": 1}})
+    public = load_public_key(public_path)
+    releases = tmp_path / "releases"
+    publish(bundle, releases, public, release_id="r-odd")
+    entry = json.loads((releases / "index.json").read_text())["releases"][0]
+    assert entry["summary"] == "" and entry["epsilon"] is None and entry["images"] is None
+    release = ReleaseCatalog(releases, [public]).get("r-odd")
+    assert release is not None and release.summary == "" and release.created is None
+    assert run(["verify", str(releases / "r-odd"), "--key", str(public_path)]) == 0
+    assert "not differentially private" in capsys.readouterr().out

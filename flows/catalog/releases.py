@@ -151,7 +151,7 @@ def _load(root: Path, release_id: str, public_keys: list[Ed25519PublicKey]) -> R
     key_numbers = summary.get("key_numbers")
     return Release(
         release_id=release_id, root=root, fingerprint=verified.fingerprint, files=verified.files,
-        bytes=verified.bytes, created=_str(pred.get("created")), summary=str(pred.get("summary", "")),
+        bytes=verified.bytes, created=_str(pred.get("created")), summary=_str(pred.get("summary")) or "",
         epsilon=_num(privacy.get("epsilon")), delta=_num(privacy.get("delta")),
         accountant=_str(privacy.get("accountant")), license=_str(lic), title=_str(meta.get("pretty_name")),
         class_counts=_class_counts(manifest), approval=_dict(pred.get("approval")),
@@ -168,7 +168,10 @@ def _dict(value: Any) -> dict[str, Any]:
 
 
 def _str(value: Any) -> str | None:
-    return None if value is None or value == "" else str(value)
+    # Scalars only: str() of a deeply nested list (signed, but data) could exhaust the recursion limit.
+    if value is None or value == "" or not isinstance(value, str | int | float | bool):
+        return None
+    return str(value)
 
 
 def _num(value: Any) -> float | None:
@@ -219,6 +222,9 @@ class ReleaseCatalog:
             release: Release | None = _load(root, release_id, self.public_keys)
         except (IntegrityError, OSError) as e:
             log.warning("release %s hidden: failed verification: %s", release_id, e)
+            release = None
+        except (ValueError, TypeError, RecursionError) as e:  # a shape no check foresaw: hide it, keep serving
+            log.warning("release %s hidden: unreadable: %s", release_id, e.__class__.__name__)
             release = None
         with self._lock:
             self._cache[release_id] = (stamp, release)
