@@ -11,7 +11,9 @@
 
 Every request for a release re-checks it (signature and hashes, cached by a stat stamp); a bundle that fails is
 answered 404 exactly like an absent one. Token problems (missing, unknown, expired, revoked) answer 401, missing
-terms acceptance 403, a stale terms hash 409; each refusal is recorded in the store and logged. A client refused too
+terms acceptance 403, a stale terms hash 409; each refusal is recorded in the store and logged. The token is checked
+before a request body is read, and the one body (accept) is read at most `MAX_BODY_BYTES` (413 beyond) within
+`BODY_TIMEOUT_S` (408). A client refused too
 often is answered 429 on the token-gated routes for a while (those are not recorded one by one). Every download is
 recorded (token, release, start, end, bytes handed to the server, complete or not), however it ends.
 """

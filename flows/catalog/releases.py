@@ -3,8 +3,10 @@
 Verification hashes every file, so its result is cached per release under a stamp of every file's path, size,
 mtime, ctime and inode (one `lstat` per file). Any change a stat can see (an edit, even one that restores the
 mtime, since ctime cannot be set back; a file added, removed or replaced) triggers a full re-verification; a bundle
-that fails is hidden and the failure logged. Each download also re-hashes the files as they stream (archive.py),
-which covers a change racing with the request.
+that fails is hidden and the failure logged. A release is listed only under the release id its steward signed.
+What is served comes from what was verified: the manifest as parsed during verification, documents read once and
+checked against it, and the signing files' verified sizes and hashes. Each download also re-hashes the files as
+they stream (archive.py), which covers a change racing with the request.
 """
 
 from __future__ import annotations
