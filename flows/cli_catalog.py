@@ -105,11 +105,15 @@ def serve_cmd(
         "127.0.0.1"),
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     db: DbOpt = None,
+    forwarded_allow_ips: Annotated[str | None, typer.Option(
+        "--forwarded-allow-ips", help="Comma-separated addresses of the reverse proxies in front (TLS): only "
+        "their X-Forwarded-For is believed. Default: none; the client address is the connection's peer.")] = None,
 ) -> None:
     """Serve the researcher catalog: release pages and API, token-gated downloads."""
     import uvicorn
 
     from flows.catalog.app import create_app
+    from flows.catalog.server import server_config
     from flows.keys import fingerprint, load_public_key
     from synth.errors import InputError
 
@@ -119,7 +123,8 @@ def serve_cmd(
     app = create_app(releases, keys, db_path=db)
     intact = app.state.catalog.all()
     console.print(f"{len(intact)} intact release(s) in {releases}; keys {', '.join(fingerprint(k)[:16] for k in keys)}")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.Server(server_config(app, host=host, port=port, forwarded_allow_ips=forwarded_allow_ips,
+                                 log_level="info")).run()
 
 
 def fetch_cmd(
@@ -130,13 +135,19 @@ def fetch_cmd(
     key: Annotated[Path, typer.Option("--key", "-k", help="The publisher's public key (release.pub).")],
     accept_terms: Annotated[bool, typer.Option("--accept-terms", help="Accept the release's terms (read them on "
                                                "its page first) before downloading.")] = False,
-    max_gb: Annotated[float, typer.Option("--max-gb", help="Refuse archives larger than this (GB).")] = 50.0,
+    max_gb: Annotated[float, typer.Option("--max-gb", help="Refuse archives larger than this (GB), downloaded or "
+                                          "unpacked.")] = 50.0,
 ) -> None:
     """Download a release, unpack it safely and verify it with the publisher's key. Exit 1 if it does not verify."""
+    import math
     from urllib.parse import urlsplit
 
     from flows.catalog.fetch import fetch, loading_hint
     from flows.keys import load_public_key
+    from synth.errors import InputError
+
+    if not (math.isfinite(max_gb) and max_gb > 0):
+        raise InputError(f"--max-gb must be a positive number, got {max_gb!r}")
 
     parts = urlsplit(url)
     if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -9,7 +10,25 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from synth.errors import SynthgateError
+
 console = Console(highlight=False, soft_wrap=True)  # paths and commands stay copy-pasteable
+
+
+class _UserErrorsOnOneLine(logging.Filter):
+    """Drops the traceback from console log records of user errors (`SynthgateError`) raised inside tasks and
+    flows: the CLI prints the error's one line at the end; the Prefect API still records the full record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SynthgateError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _one_line_user_errors() -> None:
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _UserErrorsOnOneLine) for f in handler.filters):
+            handler.addFilter(_UserErrorsOnOneLine())
 
 
 def _quiet_prefect() -> None:
@@ -65,11 +84,16 @@ def release_cmd(
     cfg = with_scale_out(cfg, kind=runner, address=address, workers=workers, shards=shards, nproc=nproc)
     if auto_approve:
         cfg = cfg.model_copy(update={"approval": cfg.approval.model_copy(update={"auto_approve": True})})
-    if not cfg.private_key.is_file():
-        from synth.errors import InputError
+    from flows.preflight import check_release_config
 
-        raise InputError(f"{cfg.private_key}: no signing key; create one with `synthgate keys generate --out DIR`")
+    # Before Prefect starts: a config error is one line and exit 2, not a failed flow run with tracebacks.
+    check_release_config(cfg)
     from flows.release import release
+
+    _one_line_user_errors()  # after Prefect set up its console handler (on import)
+    from flows.termination import exit_after_sigterm
+
+    exit_after_sigterm()
 
     result = release(config=cfg)
     if result.status != "published":

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(highlight=False, soft_wrap=True)  # paths and commands stay copy-pasteable
 keys_app = typer.Typer(help="Manage the steward's Ed25519 release keys.", no_args_is_help=True)
@@ -39,23 +40,31 @@ def keys_generate(
 def verify_cmd(
     bundle: Annotated[Path, typer.Argument(help="A downloaded release bundle directory.")],
     key: Annotated[Path, typer.Option("--key", "-k", help="The steward's public key (release.pub).")],
+    release_id: Annotated[str | None, typer.Option(
+        help="The release you expect: refused unless the steward signed this id.")] = None,
 ) -> None:
     """Check a release bundle: signature, every file's hash, no missing or extra files. Exit 0 valid, 1 invalid."""
     from flows.keys import load_public_key
     from flows.signing import verify_bundle
 
-    result = verify_bundle(bundle, load_public_key(key))
+    result = verify_bundle(bundle, load_public_key(key), release_id=release_id)
     p = result.predicate
     console.print(
         f"[green]valid[/]: {result.files} files, {result.bytes:,} bytes, signed by key {result.fingerprint[:16]}…"
     )
-    if p:
-        privacy = p.get("privacy") or {}
-        eps = privacy.get("epsilon")
-        dp = f"ε = {eps:g}, δ = {privacy.get('delta'):g} ({privacy.get('accountant')})" if eps is not None else (
-            "not differentially private")
-        console.print(f"release {p.get('release_id', '?')}: {p.get('summary', '')}".rstrip(": "))
-        console.print(f"privacy: {dp}")
+    summary = p.get("summary") if isinstance(p.get("summary"), str) else ""
+    console.print(f"release {escape(result.release_id or '(no id signed)')}: {escape(summary)}".rstrip(": "))
+    console.print(f"privacy: {_privacy_line(p.get('privacy'))}")
+
+
+def _privacy_line(privacy: object) -> str:
+    """ε/δ of a signed predicate, shown only when they are numbers (the predicate is data, not code)."""
+    fields = privacy if isinstance(privacy, dict) else {}
+    eps, delta = fields.get("epsilon"), fields.get("delta")
+    if not isinstance(eps, int | float) or isinstance(eps, bool):
+        return "not differentially private"
+    shown_delta = f"{delta:g}" if isinstance(delta, int | float) and not isinstance(delta, bool) else "?"
+    return f"ε = {eps:g}, δ = {shown_delta} ({escape(str(fields.get('accountant')))})"
 
 
 def register(app: typer.Typer) -> None:

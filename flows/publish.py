@@ -18,7 +18,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from flows.keys import fingerprint
-from flows.signing import verify_bundle
+from flows.signing import SIGNATURE, verify_bundle
 from synth.artifacts import atomic_file
 from synth.errors import InputError, IntegrityError, where
 
@@ -27,8 +27,15 @@ INDEX_HTML = "index.html"
 _RELEASE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 
+MAX_RELEASE_ID = 100  # a directory name and a URL segment: well under every filesystem's 255-byte name limit
+
+
 def check_release_id(release_id: str) -> str:
     """Release ids become directory names and URLs: lower-case letters, digits, '-', '_', '.' only."""
+    if not isinstance(release_id, str) or len(release_id) > MAX_RELEASE_ID:
+        shown = f"{release_id[:40]!r}… ({len(release_id)} characters)" if isinstance(release_id, str) else (
+            repr(release_id))
+        raise InputError(f"release id {shown} must be a string of at most {MAX_RELEASE_ID} characters")
     if not release_id or not set(release_id) <= _RELEASE_ID_CHARS or release_id.startswith("."):
         raise InputError(f"release id {release_id!r} must use only a-z, 0-9, '-', '_', '.' and not start with '.'")
     return release_id
@@ -50,20 +57,60 @@ class CatalogEntry:
 
 
 def publish(bundle: Path, releases_dir: Path, public_key: Ed25519PublicKey, *, release_id: str) -> Path:
-    """Verify `bundle`, move it to `releases_dir/<release_id>/` and refresh the index. Returns the new path."""
+    """Verify `bundle`, move it to `releases_dir/<release_id>/` and refresh the index. Returns the new path.
+
+    Idempotent: publishing the same signed bundle again (e.g. after a crash between the move and the index) only
+    rebuilds the index; a different bundle under a published id is refused."""
     check_release_id(release_id)
-    verify_bundle(bundle, public_key)
+    verify_bundle(bundle, public_key, release_id=release_id)
     releases_dir.mkdir(parents=True, exist_ok=True)
     target = releases_dir / release_id
     if target.exists():
-        raise InputError(where(target, "a release with this id is already published"))
-    # Copy next to the target, then rename: the releases dir never shows a half-copied bundle.
-    staging = releases_dir / f".{release_id}.staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(bundle, staging)
-    os.rename(staging, target)
+        if not _same_bundle(bundle, target, public_key, release_id):
+            raise InputError(where(target, "a release with this id is already published"))
+    else:
+        # Copy next to the target, then rename: the releases dir never shows a half-copied bundle.
+        staging = releases_dir / f".{release_id}.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(bundle, staging)
+        _fsync_tree(staging)
+        os.rename(staging, target)
     write_index(releases_dir, public_key)
     return target
+
+
+def published(releases_dir: Path, public_key: Ed25519PublicKey, release_id: str) -> Path | None:
+    """The intact bundle already published as `release_id` (the index rebuilt to list it), or None.
+
+    A rerun after a crash between moving the bundle in and writing the index finds its release here and repairs
+    the index, instead of building a new bundle that the published id would then refuse."""
+    target = Path(releases_dir) / check_release_id(release_id)
+    if not target.is_dir():
+        return None
+    try:
+        verify_bundle(target, public_key, release_id=release_id)
+    except IntegrityError:
+        return None
+    write_index(Path(releases_dir), public_key)
+    return target
+
+
+def _same_bundle(bundle: Path, target: Path, public_key: Ed25519PublicKey, release_id: str) -> bool:
+    # Equal signature files sign equal manifest and provenance hashes, hence (both verified) equal contents.
+    try:
+        if (bundle / SIGNATURE).read_bytes() != (target / SIGNATURE).read_bytes():
+            return False
+        verify_bundle(target, public_key, release_id=release_id)
+    except (OSError, IntegrityError):
+        return False
+    return True
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
 
 
 def scan_releases(releases_dir: Path, public_key: Ed25519PublicKey) -> tuple[list[CatalogEntry], list[str]]:
@@ -71,23 +118,29 @@ def scan_releases(releases_dir: Path, public_key: Ed25519PublicKey) -> tuple[lis
     entries, failed = [], []
     for child in sorted(p for p in releases_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
-            result = verify_bundle(child, public_key)
+            result = verify_bundle(child, public_key, release_id=child.name)
         except IntegrityError:
             failed.append(child.name)
             continue
-        pred = result.predicate
-        privacy = pred.get("privacy") or {}
-        entries.append(CatalogEntry(
-            release_id=child.name,
-            path=child.name + "/",
-            summary=str(pred.get("summary", "")),
-            epsilon=privacy.get("epsilon"),
-            delta=privacy.get("delta"),
-            images=(pred.get("synthetic") or {}).get("images"),
-            fingerprint=result.fingerprint,
-            created=pred.get("created"),
-        ))
+        entries.append(_entry(child.name, result.predicate, result.fingerprint))
     return entries, failed
+
+
+def _entry(release_id: str, pred: dict[str, Any], fp: str) -> CatalogEntry:
+    # The predicate is signed by the steward but still data: take only values of the expected types.
+    privacy = pred.get("privacy") if isinstance(pred.get("privacy"), dict) else {}
+    synthetic = pred.get("synthetic") if isinstance(pred.get("synthetic"), dict) else {}
+    return CatalogEntry(
+        release_id=release_id, path=release_id + "/", summary=_typed(pred.get("summary"), str) or "",
+        epsilon=_typed(privacy.get("epsilon"), float), delta=_typed(privacy.get("delta"), float),
+        images=_typed(synthetic.get("images"), int), fingerprint=fp, created=_typed(pred.get("created"), str),
+    )
+
+
+def _typed(value: Any, kind: type) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float if kind is float else kind):
+        return None
+    return value
 
 
 def write_index(releases_dir: Path, public_key: Ed25519PublicKey) -> list[CatalogEntry]:

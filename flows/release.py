@@ -20,14 +20,16 @@ from typing import Literal
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 from pydantic import BaseModel
 
 from flows import runners, stages
 from flows.approval import auto_approval, request_approval
 from flows.policy import Verdict
+from flows.preflight import check_release_config
 from flows.release_config import ReleaseConfig
 from flows.runners import task_threads
-from synth.errors import PolicyBlocked
+from synth.errors import PolicyBlocked, SynthgateError
 
 
 class ReleaseResult(BaseModel):
@@ -40,8 +42,15 @@ class ReleaseResult(BaseModel):
     reasons: list[str] = []
 
 
+def _retry_unless_user_error(task: object, task_run: object, state: State) -> bool:
+    # Retries are for lost workers and flaky downloads: a bad input or a blocked check fails the same way again.
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, SynthgateError)
+
+
 def _task(name: str, retries: int = 0):
-    return task(name=name, retries=retries, retry_delay_seconds=5, cache_policy=NO_CACHE, log_prints=True)
+    return task(name=name, retries=retries, retry_delay_seconds=5, cache_policy=NO_CACHE, log_prints=True,
+                retry_condition_fn=_retry_unless_user_error)
 
 
 @_task("ingest", retries=2)  # a download can fail transiently
@@ -121,6 +130,11 @@ def bundle_task(cfg: ReleaseConfig, **kwargs: object) -> Path:
     return stages.bundle_stage(cfg, **kwargs)  # type: ignore[arg-type]
 
 
+@_task("already-published")
+def published_task(cfg: ReleaseConfig, release_id: str) -> Path | None:
+    return stages.published_stage(cfg, release_id)
+
+
 @_task("publish")
 def publish_task(cfg: ReleaseConfig, bundle: Path, release_id: str) -> Path:
     return stages.publish_stage(cfg, bundle, release_id)
@@ -184,6 +198,7 @@ def release(config: ReleaseConfig) -> ReleaseResult:
     """Turn a real image set into a signed, documented synthetic release, or a blocked run with every reason."""
     log = get_run_logger()
     cfg = stages.with_absolute_paths(config)
+    check_release_config(cfg)  # runs started from the UI too: nothing runs on a config that cannot be released
     log.info("task runner: %s", runners.describe(cfg.runner))
     audited = release_pipeline.with_options(task_runner=runners.make_task_runner(cfg.runner))(cfg)
     verdict, report = audited.verdict, audited.report
@@ -198,6 +213,11 @@ def release(config: ReleaseConfig) -> ReleaseResult:
     if not verdict.passed:
         log.error("release blocked: %s", "; ".join(verdict.reasons))
         raise PolicyBlocked(f"release {release_id} blocked by the gate: " + "; ".join(verdict.reasons))
+
+    existing = published_task(cfg, release_id)
+    if existing is not None:  # a rerun after a crash past the move into the releases directory
+        log.info("release %s was already published at %s; index rebuilt", release_id, existing)
+        return ReleaseResult(status="published", release_id=release_id, bundle=existing, report=report)
 
     if cfg.approval.auto_approve:
         approval = auto_approval()

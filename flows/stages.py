@@ -632,6 +632,16 @@ def _passphrase(cfg: ReleaseConfig) -> bytes | None:
     return value.encode()
 
 
+def published_stage(cfg: ReleaseConfig, release_id: str) -> Path | None:
+    """The intact release already published under `release_id` (index repaired), or None: a rerun after a crash
+    past the move into the releases directory finishes there instead of being refused as a duplicate."""
+    from flows.keys import load_private_key
+    from flows.publish import published
+
+    public_key = load_private_key(cfg.private_key, passphrase=_passphrase(cfg)).public_key()
+    return published(cfg.releases_dir, public_key, release_id)
+
+
 def publish_stage(cfg: ReleaseConfig, bundle: Path, release_id: str) -> Path:
     """Verify the signed bundle with the public half of the key and move it into the releases directory."""
     from flows.keys import load_private_key

@@ -45,6 +45,8 @@ def load_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         raise InputError(where(path, f"is not valid YAML ({first})")) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise InputError(where(path, "is not valid YAML (nested too deeply)")) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -25,6 +25,7 @@ from fastapi.responses import Response
 from flows.catalog.app import create_app
 from flows.catalog.archive import Member, archive_size, bundle_members, iter_tar
 from flows.catalog.fetch import release_urls, safe_extract
+from flows.catalog.server import server_config
 from flows.catalog.store import DB_NAME, Store, now
 from flows.cli import app as cli_app
 from flows.cli import run
@@ -51,13 +52,14 @@ if not any(g.name == "tokens" for g in cli_app.registered_groups):
 
 
 @contextmanager
-def serve(app):
-    """Run `app` on a real uvicorn server on a free loopback port; yield its base URL."""
+def serve(app, **config):
+    """Run `app` on a real uvicorn server (configured as `synthgate serve` does, plus `config`) on a free loopback
+    port; yield its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(server_config(app, log_level="warning", lifespan="off", **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -286,8 +288,8 @@ def test_concurrent_downloads_are_byte_identical(env):
     rows = _wait_for_downloads(store, before + 50)[before:]
     assert len(rows) == 50 and all(r["complete"] == 1 and r["bytes"] == results[0][2] for r in rows)
     # the stream is exactly what tarfile would produce from the same members
-    manifest = json.loads((env["releases"] / "r-1" / "manifest.json").read_text())
-    members = bundle_members(env["releases"] / "r-1", "r-1", manifest)
+    verified = verify_bundle(env["releases"] / "r-1", env["public"], release_id="r-1")
+    members = bundle_members(env["releases"] / "r-1", "r-1", verified.manifest, verified.signing_files)
     assert archive_size(members) == results[0][2]
     assert hashlib.sha256(b"".join(iter_tar(members, chunk=1000))).hexdigest() == results[0][1]
 
@@ -430,11 +432,13 @@ def test_serve_command_builds_the_app(env, tmp_path, monkeypatch, capsys):
     import uvicorn as uv
 
     seen = {}
-    monkeypatch.setattr(uv, "run", lambda app, **kw: seen.update(app=app, **kw))
+    monkeypatch.setattr(uv.Server, "run", lambda self, sockets=None: seen.update(config=self.config))
     db = tmp_path / "serve.sqlite"
     assert run(["serve", "--releases", str(env["releases"]), "--key", str(env["public_path"]), "--port", "8123",
                 "--db", str(db)]) == 0
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123 and db.exists()
+    config = seen["config"]
+    assert config.host == "127.0.0.1" and config.port == 8123 and db.exists()
+    assert config.proxy_headers is False  # no proxy configured: X-Forwarded-For is not believed
     assert "intact release(s)" in capsys.readouterr().out
     assert run(["serve", "--releases", str(tmp_path / "missing"), "--key", str(env["public_path"])]) == 2
 

@@ -11,7 +11,9 @@
 
 Every request for a release re-checks it (signature and hashes, cached by a stat stamp); a bundle that fails is
 answered 404 exactly like an absent one. Token problems (missing, unknown, expired, revoked) answer 401, missing
-terms acceptance 403, a stale terms hash 409; each refusal is recorded in the store and logged. A client refused too
+terms acceptance 403, a stale terms hash 409; each refusal is recorded in the store and logged. The token is checked
+before a request body is read, and the one body (accept) is read at most `MAX_BODY_BYTES` (413 beyond) within
+`BODY_TIMEOUT_S` (408). A client refused too
 often is answered 429 on the token-gated routes for a while (those are not recorded one by one). Every download is
 recorded (token, release, start, end, bytes handed to the server, complete or not), however it ends.
 """
@@ -28,8 +30,11 @@ from typing import Any
 import anyio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
 
 from flows.catalog.archive import archive_size, bundle_members, iter_tar
 from flows.catalog.releases import Release, ReleaseCatalog
@@ -40,6 +45,9 @@ from flows.catalog.throttle import RefusalThrottle
 
 log = logging.getLogger("synthgate.catalog")
 _REPORT = "report/report.html"
+# The only request body is a terms hash: a few dozen bytes. Anything above this is refused unread.
+MAX_BODY_BYTES = 16 * 1024
+BODY_TIMEOUT_S = 30.0  # a body that trickles in slower than this is not waited for
 
 # Pages carry only inline CSS and no scripts; a strict CSP makes any escaping slip inert.
 _HTML_HEADERS = {
@@ -168,18 +176,26 @@ def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25
         return ReleaseDetail.model_validate(release_or_404(release_id).detail())
 
     @app.post("/api/releases/{release_id}/accept", summary="Accept a release's terms (Bearer token)",
-              responses={400: {"description": "request body is not parseable (e.g. not UTF-8 JSON)"},
+              openapi_extra={"requestBody": {"required": False, "content": {
+                  "application/json": {"schema": AcceptRequest.model_json_schema()}}}},
+              responses={400: {"description": "request body is not UTF-8"},
                          401: {"description": "missing, unknown, expired or revoked token"},
                          404: {"description": "no such release"},
+                         408: {"description": "request body not received in time"},
                          409: {"description": "terms_sha256 is not the current terms"},
+                         413: {"description": f"request body larger than {MAX_BODY_BYTES} bytes"},
+                         422: {"description": "request body is not a valid AcceptRequest"},
                          429: {"description": "too many refused requests from this client"}})
-    def accept(release_id: str, request: Request, body: AcceptRequest | None = None,
-               credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Acceptance:
-        r = release_or_404(release_id)
-        token = authorize(request, credentials)
+    async def accept(release_id: str, request: Request,
+                     credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Acceptance:
+        # No body parameter: FastAPI would read the whole body before any check. The release and the token are
+        # checked first; only then is the body read, bounded in size and time.
+        r = await run_in_threadpool(release_or_404, release_id)
+        token = await run_in_threadpool(authorize, request, credentials)
+        body = await read_accept_body(request)
         if body is not None and body.terms_sha256 is not None and body.terms_sha256 != r.terms_sha256:
-            raise refuse(request, 409, "terms changed: read them again", token)
-        accepted = store.accept(token.id, r.release_id, r.terms_sha256)
+            raise await run_in_threadpool(refuse, request, 409, "terms changed: read them again", token)
+        accepted = await run_in_threadpool(store.accept, token.id, r.release_id, r.terms_sha256)
         log.info("token %s accepted the terms of %s", token.id, r.release_id)
         return Acceptance(release_id=r.release_id, token=token.name, terms_sha256=r.terms_sha256, accepted=accepted)
 
@@ -195,7 +211,7 @@ def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25
         token = authorize(request, credentials)
         if not store.has_accepted(token.id, r.release_id, r.terms_sha256):
             raise refuse(request, 403, "terms not accepted for this release", token)
-        members = bundle_members(r.root, r.release_id, r.manifest)
+        members = bundle_members(r.root, r.release_id, r.manifest, r.signing_files)
         size = archive_size(members)
         started = now()
         progress = {"sent": 0}
@@ -218,3 +234,40 @@ def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25
         })
 
     return app
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` (by its Content-Length, or
+    while it streams in) and with 408 when it takes longer than `timeout_s`: never more than `limit` bytes held."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"request body larger than {limit} bytes")
+    chunks, size = [], 0
+    try:
+        with anyio.fail_after(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HTTPException(413, f"request body larger than {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise HTTPException(408, "request body not received in time") from None
+    return b"".join(chunks)
+
+
+async def read_accept_body(request: Request) -> AcceptRequest | None:
+    """The optional AcceptRequest of an accept call (None for an empty body); invalid bodies answer 422."""
+    data = await read_body(request)
+    if not data:  # no body at all: the terms shown now are accepted
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPException(400, "request body is not UTF-8 JSON") from None
+    try:
+        return AcceptRequest.model_validate_json(text)
+    except ValidationError as e:
+        # No "input" in the answer: the client's bytes are not echoed back.
+        errors = [{"type": err["type"], "loc": ("body", *err["loc"]), "msg": err["msg"]}
+                  for err in e.errors(include_url=False, include_context=False)]
+        raise RequestValidationError(errors) from None

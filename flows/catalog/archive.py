@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from flows.signing import SIGNING_FILES
-from synth.artifacts import sha256_file
 from synth.errors import IntegrityError, where
 
 CHUNK = 256 * 1024
@@ -31,13 +30,15 @@ class Member:
     sha256: str
 
 
-def bundle_members(root: Path, release_id: str, manifest: dict[str, Any]) -> list[Member]:
-    """The tar members of a bundle whose manifest has been verified: data files sorted, then the signing files."""
+def bundle_members(root: Path, release_id: str, manifest: dict[str, Any],
+                   signing_files: dict[str, tuple[int, str]]) -> list[Member]:
+    """The tar members of a verified bundle: data files sorted, then the signing files, each with the size and
+    hash that verification saw (so a file swapped after the check aborts the stream instead of being sent)."""
     members = [Member(f"{release_id}/{f['path']}", root / f["path"], int(f["size"]), str(f["sha256"]))
                for f in sorted(manifest["files"], key=lambda f: f["path"])]
     for name in SIGNING_FILES:
-        path = root / name
-        members.append(Member(f"{release_id}/{name}", path, path.stat().st_size, sha256_file(path)))
+        size, digest = signing_files[name]
+        members.append(Member(f"{release_id}/{name}", root / name, size, digest))
     return members
 
 

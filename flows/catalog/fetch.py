@@ -2,8 +2,9 @@
 
 The tar is streamed to a temporary file next to `out`, then unpacked member by member into a temporary directory
 (written atomically into `out` only after verification succeeds). Only regular files and directories are accepted,
-under the single top-level `<release_id>/` folder; absolute names, '..', backslashes, links, devices, FIFOs and
-duplicate names are refused, and every target path is checked to stay inside the output directory.
+under the single top-level `<release_id>/` folder; absolute names, '..', backslashes, links, devices, FIFOs,
+sparse members (a few stored bytes that unpack to gigabytes) and duplicate names are refused, every target path is
+checked to stay inside the output directory, and the bytes unpacked are bounded like the bytes downloaded.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -63,14 +64,15 @@ def _safe_name(name: str, release_id: str, archive: Path) -> PurePosixPath | Non
     return PurePosixPath(*rest) if rest else None
 
 
-def safe_extract(archive: Path, release_id: str, dest: Path) -> int:
+def safe_extract(archive: Path, release_id: str, dest: Path, *, max_bytes: int | None = None) -> int:
     """Unpack `<release_id>/...` from a tar into the existing empty directory `dest`; return the file count.
 
-    Raises IntegrityError on the first unsafe member (nothing outside `dest` is ever written)."""
+    Raises IntegrityError on the first unsafe member (nothing outside `dest` is ever written), and before writing
+    a member that would take the unpacked total past `max_bytes`."""
     dest_real = Path(os.path.realpath(dest))
     try:
         with tarfile.open(archive, mode="r:") as tar:
-            count = _extract_members(tar, release_id, dest_real, archive)
+            count = _extract_members(tar, release_id, dest_real, archive, max_bytes)
     except tarfile.TarError as e:
         raise IntegrityError(where(archive, f"is not a readable tar archive ({e})")) from None
     except OSError as e:  # e.g. a file member where a directory member was, or the reverse
@@ -78,13 +80,19 @@ def safe_extract(archive: Path, release_id: str, dest: Path) -> int:
     return count
 
 
-def _extract_members(tar: tarfile.TarFile, release_id: str, dest_real: Path, archive: Path) -> int:
+def _extract_members(tar: tarfile.TarFile, release_id: str, dest_real: Path, archive: Path,
+                     max_bytes: int | None) -> int:
     seen: set[str] = set()
-    count = 0
+    count = unpacked = 0
     for member in tar:
         rel = _safe_name(member.name, release_id, archive)
         if not (member.isreg() or member.isdir()):
             raise IntegrityError(where(archive, f"member {member.name!r} is a link or special file"))
+        if member.issparse():
+            raise IntegrityError(where(archive, f"member {member.name!r} is a sparse file"))
+        unpacked += member.size
+        if max_bytes is not None and unpacked > max_bytes:
+            raise IntegrityError(where(archive, f"unpacks to more than the limit {max_bytes:,} bytes"))
         if rel is None:
             if member.isreg():
                 raise IntegrityError(where(archive, f"member {member.name!r} is not inside a folder"))
@@ -105,12 +113,21 @@ def _extract_members(tar: tarfile.TarFile, release_id: str, dest_real: Path, arc
         src = tar.extractfile(member)
         if src is None:  # pragma: no cover - regular members always have a file object
             raise IntegrityError(where(archive, f"member {member.name!r} has no data"))
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        with os.fdopen(fd, "wb") as out, src:
-            while data := src.read(CHUNK):
-                out.write(data)
+        _copy_exactly(src, target, member.size, archive, member.name)
         count += 1
     return count
+
+
+def _copy_exactly(src: BinaryIO, target: Path, size: int, archive: Path, name: str) -> None:
+    """Write a member's data to the new file `target`, never more than its declared `size`."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    written = 0
+    with os.fdopen(fd, "wb") as out, src:
+        while data := src.read(min(CHUNK, size - written + 1)):
+            written += len(data)
+            if written > size:
+                raise IntegrityError(where(archive, f"member {name!r} holds more data than it declares"))
+            out.write(data)
 
 
 def download(api_url: str, token: str, dest_file: Path, *, accept_terms: bool = False, timeout: float = 60,
@@ -185,14 +202,17 @@ def fetch(url: str, token: str, out: Path, public_key: Ed25519PublicKey, *,
             download(api_url, token, archive, accept_terms=accept_terms, max_bytes=max_bytes)
         except httpx.HTTPError as e:
             raise InputError(f"{api_url}: download failed: {e}") from None
-        return unpack_and_verify(archive, release_id, out, public_key)
+        return unpack_and_verify(archive, release_id, out, public_key, max_bytes=max_bytes)
 
 
-def unpack_and_verify(archive: Path, release_id: str, out: Path, public_key: Ed25519PublicKey) -> VerifiedBundle:
-    """Safely unpack a downloaded release tar into `out` (atomically) and verify it with `public_key`."""
+def unpack_and_verify(archive: Path, release_id: str, out: Path, public_key: Ed25519PublicKey, *,
+                      max_bytes: int | None = None) -> VerifiedBundle:
+    """Safely unpack a downloaded release tar into `out` (atomically; at most `max_bytes` unpacked) and verify it
+    with `public_key`, as the release `release_id`."""
     with atomic_dir(Path(out)) as tmp:
-        safe_extract(archive, release_id, tmp)
-        result = verify_bundle(tmp, public_key)
+        safe_extract(archive, release_id, tmp, max_bytes=max_bytes)
+        # The signed release id must be the one the URL asked for: a server could hand back another genuine release.
+        result = verify_bundle(tmp, public_key, release_id=release_id)
     return dataclasses.replace(result, root=Path(out))
 
 

@@ -3,8 +3,10 @@
 Verification hashes every file, so its result is cached per release under a stamp of every file's path, size,
 mtime, ctime and inode (one `lstat` per file). Any change a stat can see (an edit, even one that restores the
 mtime, since ctime cannot be set back; a file added, removed or replaced) triggers a full re-verification; a bundle
-that fails is hidden and the failure logged. Each download also re-hashes the files as they stream (archive.py),
-which covers a change racing with the request.
+that fails is hidden and the failure logged. A release is listed only under the release id its steward signed.
+What is served comes from what was verified: the manifest as parsed during verification, documents read once and
+checked against it, and the signing files' verified sizes and hashes. Each download also re-hashes the files as
+they stream (archive.py), which covers a change racing with the request.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from flows.publish import check_release_id
-from flows.signing import MANIFEST, verify_bundle
+from flows.signing import verify_bundle
 from synth.errors import InputError, IntegrityError
 
 log = logging.getLogger("synthgate.catalog")
@@ -65,6 +67,7 @@ class Release:
     terms: str
     terms_sha256: str
     manifest: dict[str, Any] = field(repr=False)
+    signing_files: dict[str, tuple[int, str]] = field(repr=False)
 
     def listing(self) -> dict[str, Any]:
         """The fields of the index (page and `/api/releases`)."""
@@ -86,8 +89,17 @@ class Release:
         }
 
 
-def _read_text(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+def _verified_text(root: Path, manifest: dict[str, Any], rel: str) -> str:
+    """A document of the verified bundle, read once and checked against its manifest hash ("" when not listed).
+
+    What is shown is what was verified: a file swapped after verification fails here instead of being served."""
+    entry = next((f for f in manifest["files"] if f["path"] == rel), None)
+    if entry is None:
+        return ""
+    data = (root / rel).read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise IntegrityError(f"{root / rel}: changed after verification")
+    return data.decode("utf-8", errors="replace")
 
 
 def _front_matter(card: str) -> dict[str, Any]:
@@ -96,9 +108,16 @@ def _front_matter(card: str) -> dict[str, Any]:
     end = card.find("\n---", 3)
     try:
         data = yaml.safe_load(card[3:end]) if end > 0 else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # signed, but still data: never a reason for a 500
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        return _dict(json.loads(text or "{}"))
+    except (ValueError, RecursionError):
+        return {}
 
 
 def _class_counts(manifest: dict[str, Any]) -> dict[str, int]:
@@ -115,7 +134,8 @@ def _load(root: Path, release_id: str, public_keys: list[Ed25519PublicKey]) -> R
     error: IntegrityError | None = None
     for key in public_keys:
         try:
-            verified = verify_bundle(root, key)
+            # Listed under its folder name only when that is the id the steward signed.
+            verified = verify_bundle(root, key, release_id=release_id)
             break
         except IntegrityError as e:
             error = e
@@ -124,19 +144,16 @@ def _load(root: Path, release_id: str, public_keys: list[Ed25519PublicKey]) -> R
     pred = verified.predicate
     # The predicate and documents are signed by the steward, but still data: coerce shapes instead of trusting them.
     privacy = _dict(pred.get("privacy"))
-    card, datasheet = _read_text(root / "README.md"), _read_text(root / "datasheet.md")
+    manifest = verified.manifest
+    card, datasheet = _verified_text(root, manifest, "README.md"), _verified_text(root, manifest, "datasheet.md")
     meta = _front_matter(card)
-    try:
-        summary = _dict(json.loads(_read_text(root / "report" / "summary.json") or "{}"))
-    except json.JSONDecodeError:
-        summary = {}
-    manifest = json.loads((root / MANIFEST).read_bytes())
+    summary = _json_object(_verified_text(root, manifest, "report/summary.json"))
     lic = meta.get("license")
     terms = TERMS_TEMPLATE.format(release_id=release_id, license=lic or "see the dataset card")
     key_numbers = summary.get("key_numbers")
     return Release(
         release_id=release_id, root=root, fingerprint=verified.fingerprint, files=verified.files,
-        bytes=verified.bytes, created=_str(pred.get("created")), summary=str(pred.get("summary", "")),
+        bytes=verified.bytes, created=_str(pred.get("created")), summary=_str(pred.get("summary")) or "",
         epsilon=_num(privacy.get("epsilon")), delta=_num(privacy.get("delta")),
         accountant=_str(privacy.get("accountant")), license=_str(lic), title=_str(meta.get("pretty_name")),
         class_counts=_class_counts(manifest), approval=_dict(pred.get("approval")),
@@ -144,6 +161,7 @@ def _load(root: Path, release_id: str, public_keys: list[Ed25519PublicKey]) -> R
                      for n in (key_numbers if isinstance(key_numbers, list) else []) if isinstance(n, dict)],
         verdict=_dict(summary.get("verdict")), card=card, datasheet=datasheet, terms=terms,
         terms_sha256=hashlib.sha256(terms.encode()).hexdigest(), manifest=manifest,
+        signing_files=verified.signing_files,
     )
 
 
@@ -152,7 +170,10 @@ def _dict(value: Any) -> dict[str, Any]:
 
 
 def _str(value: Any) -> str | None:
-    return None if value is None or value == "" else str(value)
+    # Scalars only: str() of a deeply nested list (signed, but data) could exhaust the recursion limit.
+    if value is None or value == "" or not isinstance(value, str | int | float | bool):
+        return None
+    return str(value)
 
 
 def _num(value: Any) -> float | None:
@@ -203,6 +224,9 @@ class ReleaseCatalog:
             release: Release | None = _load(root, release_id, self.public_keys)
         except (IntegrityError, OSError) as e:
             log.warning("release %s hidden: failed verification: %s", release_id, e)
+            release = None
+        except (ValueError, TypeError, RecursionError) as e:  # a shape no check foresaw: hide it, keep serving
+            log.warning("release %s hidden: unreadable: %s", release_id, e.__class__.__name__)
             release = None
         with self._lock:
             self._cache[release_id] = (stamp, release)

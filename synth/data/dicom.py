@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from synth.data.imagefolder import check_size, progress, resize_square, stack_images
+from synth.data.limits import check_images_size, declared_dicom_shape
 from synth.data.manifest import read_manifest
 from synth.data.sources import SourceData
 from synth.errors import ConfigError, InputError, where
@@ -49,6 +50,7 @@ def read_dicom(
     size = check_size(size)
     window = check_window(window)
     manifest = read_manifest(Path(csv), Path(folder), class_names=class_names, seed=seed, fractions=fractions)
+    check_images_size([declared_dicom_shape(p) for p in manifest.paths], size)
 
     windowing: Counter[str] = Counter()
     cropped = 0

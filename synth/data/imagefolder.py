@@ -18,6 +18,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, ImageOps
 
+from synth.data.limits import check_images_size, declared_image_shape
 from synth.data.manifest import read_manifest
 from synth.data.sources import SourceData
 from synth.errors import ConfigError, InputError, where
@@ -51,6 +52,8 @@ def read_imagefolder(
     if channels not in (None, 1, 3):
         raise ConfigError(where("--channels", f"must be 1 or 3, got {channels!r}"))
     manifest = read_manifest(Path(csv), Path(folder), class_names=class_names, seed=seed, fractions=fractions)
+    # From the headers, before any pixel is decoded: the stacked array must fit the ingest limit.
+    check_images_size([declared_image_shape(p) for p in manifest.paths], size)
 
     counts: Counter[str] = Counter()
     arrays: list[np.ndarray] = []

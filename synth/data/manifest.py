@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv as csvlib
 import hashlib
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -112,8 +113,9 @@ def read_manifest(
     if not folder.is_dir():
         raise InputError(where(folder, "image folder does not exist or is not a directory"))
 
-    _check_phi(csv, frame)
+    # Structure first: a CSV without a file column is told so, not that a column such as `name` looks like PHI.
     frame = _rename_required(csv, frame)
+    _check_phi(csv, frame)
     for column in frame.columns:
         frame[column] = frame[column].astype(str).str.strip()
 
@@ -343,7 +345,17 @@ def _check_files(csv: Path, folder: Path, column: pd.Series) -> list[str]:
         raise InputError(
             where(csv, f"{len(missing)} of {len(files)} file(s) not found in {folder}: {_first(missing)}")
         )
+    _check_inside(csv, folder, files)
     return files
+
+
+def _check_inside(csv: Path, folder: Path, files: Sequence[str]) -> None:
+    """Refuse files that resolve outside the folder (a symbolic link, or a linked directory on the way)."""
+    root = os.path.realpath(folder)
+    outside = [f for f in files if os.path.commonpath([root, os.path.realpath(folder / f)]) != root]
+    if outside:
+        raise InputError(where(csv, f"{len(outside)} file(s) are links leading outside the image folder {folder}: "
+                                    f"{_first(outside)}"))
 
 
 def _labels(csv: Path, column: pd.Series, class_names: Sequence[str] | None) -> tuple[list[int], list[str]]:

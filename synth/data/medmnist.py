@@ -18,11 +18,14 @@ import pandas as pd
 
 from synth.artifacts import atomic_file, sha256_file
 from synth.data.canonical import SPLITS
+from synth.data.limits import check_npz_size
 from synth.data.locate import ENV_VAR, data_dir
 from synth.data.sources import SourceData
 from synth.errors import InputError, where
 
 MEDMNIST_LICENSE = "CC BY 4.0"
+# Without class names, labels 0..max become the classes: a stray huge label must not create millions of them.
+MAX_CLASSES = 1000
 MEDMNIST_ATTRIBUTION = "MedMNIST v2 (Yang et al., Scientific Data 2023)"
 
 
@@ -107,6 +110,8 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
         # np.load would try to unpickle anything that is neither zip nor .npy: check the signature ourselves.
         what = "a single .npy array" if magic == b"\x93NUMPY" else "not a zip archive"
         raise InputError(where(path, f"is not a valid .npz archive ({what})"))
+    # Sizes come from the arrays' headers, before anything is decompressed: a bomb is refused, not expanded.
+    check_npz_size(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
@@ -121,15 +126,25 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
         raise InputError(where(path, f"cannot be read ({e.strerror or e})")) from None
 
 
-def _to_uint8(path: Path, key: str, images: np.ndarray) -> np.ndarray:
+def check_image_array(path: Path, key: str, images: np.ndarray) -> None:
+    """Refuse image arrays ingest cannot represent faithfully: wrong rank, empty images, non-real dtypes."""
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3)):
         raise InputError(where(path, f"{key} has shape {images.shape}; expected N×H×W or N×H×W×{{1,3}}"))
+    if images.shape[1] == 0 or images.shape[2] == 0:
+        raise InputError(where(path, f"{key} has shape {images.shape}: images without pixels"))
+    # Only real numbers are pixels: complex values would lose their imaginary part in a silent cast.
+    if images.dtype.kind not in "uif":
+        raise InputError(where(path, f"{key} has dtype {images.dtype}; expected integer or real float pixels"))
+
+
+def _to_uint8(path: Path, key: str, images: np.ndarray) -> np.ndarray:
+    check_image_array(path, key, images)
+    if images.size == 0:  # an empty split: nothing to scale (min/max of nothing is undefined)
+        return images.astype(np.uint8)
     if images.ndim == 4 and images.shape[3] == 1:
         images = images[..., 0]
     if images.dtype == np.uint8:
         return images
-    if not np.issubdtype(images.dtype, np.number):
-        raise InputError(where(path, f"{key} has non-numeric dtype {images.dtype}"))
     if np.issubdtype(images.dtype, np.floating):
         bad = int((~np.isfinite(images)).reshape(len(images), -1).any(axis=1).sum())
         if bad:
@@ -183,6 +198,8 @@ def read_medmnist(
                 }
             )
         )
+    if sum(len(im) for im in images) == 0:
+        raise InputError(where(path, "holds no images (every split is empty)"))
     shapes = {im.shape[1:] for im in images}
     if len(shapes) != 1:
         raise InputError(where(path, f"splits have different image shapes {sorted(shapes)}"))
@@ -191,7 +208,11 @@ def read_medmnist(
     names = list(class_names or (info.class_names if info else []))
     labels = metadata["label"]
     if not names:
-        names = [str(i) for i in range(int(labels.max()) + 1)]
+        top = int(labels.max())
+        if top >= MAX_CLASSES:
+            raise InputError(where(path, f"label {top} implies {top + 1} classes; at most {MAX_CLASSES} are "
+                                         "supported (pass --classes to name them)"))
+        names = [str(i) for i in range(top + 1)]
     bad = sorted(int(v) for v in labels.unique() if not 0 <= v < len(names))
     if bad:
         raise InputError(where(path, f"labels {bad} outside the class list {names} (0..{len(names) - 1})"))
