@@ -53,7 +53,10 @@ def small_config(tmp, source, **updates):
         "source": {"path": str(source), "min_per_class": 5, "classes": ["normal", "pneumonia"],
                    "license": "CC BY 4.0", "attribution": "MedMNIST v2 (Yang et al. 2023); Kermany et al. 2018"},
         "train": {"preset": "tiny", "max_steps": 24, "checkpoint_every": 8, "batch_size": 32},
-        "generate": {"n": 48, "batch_size": 48, "steps": 8},
+        # guidance_scale "auto" (the default): chosen on real val from two candidates, with a 1-epoch classifier.
+        "generate": {"n": 48, "batch_size": 48, "steps": 8,
+                     "guidance_selection": {"candidates": [1.0, 2.0], "per_class": 10,
+                                            "classifier": {"epochs": 1, "min_steps": None, "threads": 1}}},
         "privacy_audit": {"encoder": {"steps": 20, "batch_size": 64}},
         "utility_audit": {"classifier": {"epochs": 1, "threads": 1, "min_steps": None}, "n_boot": 50, "ratios": [1.0],
                           "fidelity": False},
@@ -117,6 +120,15 @@ def test_release_is_published_and_verifies(released):
     index = json.loads((tmp / "releases" / "index.json").read_text())
     assert [r["release_id"] for r in index["releases"]] == [result.release_id]
     assert not list(bundle.rglob("*.key")), "the private key never enters a bundle"
+    # The guidance scale was chosen on the real validation split; the documents say so, and which was used.
+    selection = json.loads((tmp / "work" / "guidance-selection" / "guidance.json").read_text())
+    chosen = selection["guidance_scale"]
+    assert chosen in (1.0, 2.0) and len(selection["candidates"]) == 2
+    assert set(load_dataset(tmp / "work" / "synthetic").metadata["guidance_scale"]) == {chosen}
+    datasheet = (bundle / "datasheet.md").read_text()
+    assert f"guidance scale {chosen}" in datasheet and "chosen on the real validation split" in datasheet
+    card = (bundle / "README.md").read_text()
+    assert "generated in **equal numbers**" in card
 
 
 def test_training_resumed_from_checkpoint(released):
