@@ -338,6 +338,10 @@ def _train(args: argparse.Namespace) -> None:
     from synth.training import train
 
     config = load_train_config(preset=args.preset, config_file=args.config)
+    if config.threads is None:  # one process per core (torchrun's OMP_NUM_THREADS, or --threads): keep it
+        import torch
+
+        config = config.model_copy(update={"threads": torch.get_num_threads()})
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     with process_group(args.backend, device=config.device):
         privacy = _privacy_strategy(args.dp_config, args.dataset) if args.dp_config else None

@@ -51,6 +51,7 @@ _COMMON: dict[str, Any] = {
     "grad_clip": 1.0,
     "num_workers": 0,
     "epochs": None,
+    "threads": None,
 }
 
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -145,6 +146,8 @@ class TrainConfig(BaseModel):
     seed: int = Field(ge=0)
     device: str
     num_workers: int = Field(ge=0)
+    # Torch threads while training (None: every core this process may run on); see synth.training.train.
+    threads: int | None = Field(ge=1)
 
     @model_validator(mode="before")
     @classmethod

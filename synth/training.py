@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import signal
 import sys
@@ -430,6 +431,16 @@ def _check_out(out: Path) -> None:
         raise InputError(where(out.parent, "output's parent directory does not exist"))
 
 
+def cpu_threads(config: TrainConfig) -> int:
+    """Torch threads for training: the configured count, else every core this process may run on."""
+    if config.threads is not None:
+        return config.threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def train(
     dataset_dir: Path,
     out: Path,
@@ -441,7 +452,34 @@ def train(
     checkpoint_dir: Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> Path:
-    """Train on the train split of the canonical dataset at `dataset_dir` and write the model directory `out`.
+    """Train on the train split of the canonical dataset at `dataset_dir` and write the model directory `out`,
+    with `cpu_threads(config)` torch threads (restored afterwards).
+
+    The thread count is set here, not inherited: torch starts a new thread at the count last set by *any* thread,
+    so in the release flow (training in a worker thread beside the privacy reference, which trains its encoder on
+    one thread) training silently ran on 1 of the 2 cores, at half speed.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(config))
+    try:
+        return _train(dataset_dir, out, config, privacy=privacy, progress=progress, resume=resume,
+                      checkpoint_dir=checkpoint_dir, on_step=on_step)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(
+    dataset_dir: Path,
+    out: Path,
+    config: TrainConfig,
+    *,
+    privacy: PrivacyStrategy | None,
+    progress: bool,
+    resume: bool,
+    checkpoint_dir: Path | None,
+    on_step: Callable[[int, float], None] | None,
+) -> Path:
+    """`train`'s body, at the thread count `train` set.
 
     Stops at `config.max_steps`, `config.epochs` or `config.max_minutes`, whichever comes first. Checkpoints go
     to `checkpoint_dir` (default `<out>.ckpt/`) every `checkpoint_every` steps and when interrupted (Ctrl-C or

@@ -595,3 +595,30 @@ def test_auto_attributes_skip_unusable_columns() -> None:
                          "age": [str(i) for i in range(100)], "view": ["PA", None] * 50})
     # constant, too many values, and gaps are all left out
     assert auto_attributes(meta, ["sex", "site", "age", "view"]) == ("sex",)
+
+
+def test_training_sets_its_own_thread_count(pneumonia_slice: Path, tmp_path: Path) -> None:
+    """torch starts a new thread at the count any thread set last: training must not inherit another task's."""
+    import threading
+
+    from synth.training import cpu_threads, train
+
+    seen: list[int] = []
+    cfg = TrainConfig(preset="tiny", max_steps=1, checkpoint_every=None, device="cpu", threads=2)
+
+    def run() -> None:
+        train(pneumonia_slice, tmp_path / "model", cfg, progress=False, on_step=lambda *_: seen.append(
+            torch.get_num_threads()))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # what the privacy reference's encoder does in its own thread
+    try:
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]
+    card = json.loads((tmp_path / "model" / "model_card.json").read_text())
+    assert card["device"] == "cpu (2 threads)"
+    assert cpu_threads(TrainConfig(preset="tiny")) >= 1

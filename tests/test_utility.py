@@ -383,3 +383,16 @@ def test_register_joins_the_audit_sub_app_of_cli_audit(monkeypatch: pytest.Monke
     assert [c.name for c in audit_app.registered_commands] == ["privacy", "utility"]
     result = CliRunner().invoke(app, ["audit", "utility", "--help"])
     assert result.exit_code == 0 and "--synthetic" in result.output and "--ratios" in result.output
+
+
+def test_prefect_summary_leads_with_balanced_accuracy_and_the_floor(heldout_audit: dict) -> None:
+    from flows.stages import utility_markdown
+
+    text = utility_markdown(Path(heldout_audit["_dir"]))
+    lines = text.splitlines()
+    assert lines[0] == "| | TRTR | TSTR | TRTS |"
+    assert lines[2].startswith("| balanced accuracy | ") and lines[3].startswith("| worst-class sensitivity | ")
+    trtr = heldout_audit["trtr"]["balanced_accuracy"]["value"]
+    assert f"| balanced accuracy | {trtr:.3f} |" in text
+    assert "Always predicting 'normal' scores balanced accuracy 0.500" in text
+    assert "balanced accuracy " in lines[-1] and "worst class sensitivity" in lines[-1]
