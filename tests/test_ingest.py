@@ -11,6 +11,7 @@ import pytest
 
 from flows.cli import run
 from synth.data.canonical import load_dataset
+from synth.data.imagefolder import resize_square
 from synth.data.ingest import ingest
 from synth.errors import InputError
 
@@ -92,3 +93,30 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and str(missing) in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_npz_is_resized_and_converted_like_a_folder(tmp_path, capsys):
+    """`--size`/`--channels` work on an .npz (HAM10000 64 px RGB → 28 px), with the change recorded."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 12), ("val", 4), ("test", 4)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).reshape(-1, 1).astype(np.uint8)
+    src = tmp_path / "rgb64.npz"
+    np.savez(src, **arrays)
+    assert run(["ingest", str(src), "--out", str(tmp_path / "rgb28"), "--size", "28", "--classes", "a,b"]) == 0
+    ds = load_dataset(tmp_path / "rgb28")
+    assert ds.images.shape == (20, 28, 28, 3) and ds.header["image"]["channels"] == 3
+    assert ds.header["config"]["size"] == 28 and ds.header["source"]["resized_to"] == 28
+    assert any("resized from 64×64 to 28×28" in note for note in ds.header["notes"])
+    first = resize_square(arrays["train_images"][0], 28)
+    assert np.array_equal(np.asarray(ds.images[0]), first)
+    assert run(["ingest", str(src), "--out", str(tmp_path / "gray"), "--channels", "1"]) == 0
+    gray = load_dataset(tmp_path / "gray")
+    assert gray.images.shape == (20, 64, 64)
+    capsys.readouterr()
+    assert run(["ingest", str(src), "--out", str(tmp_path / "bad"), "--size", "0"]) == 2
+    assert "--size: must be a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert run(["ingest", str(src), "--out", str(tmp_path / "win"), "--window", "40", "400"]) == 2
+    assert "--window applies to DICOM sources only" in capsys.readouterr().err

@@ -396,3 +396,16 @@ def test_prefect_summary_leads_with_balanced_accuracy_and_the_floor(heldout_audi
     assert f"| balanced accuracy | {trtr:.3f} |" in text
     assert "Always predicting 'normal' scores balanced accuracy 0.500" in text
     assert "balanced accuracy " in lines[-1] and "worst class sensitivity" in lines[-1]
+
+
+def test_report_summary_leads_with_balanced_accuracy_and_the_worst_class(heldout_audit: dict) -> None:
+    from reports.report import _utility_key_numbers
+
+    keys = _utility_key_numbers(heldout_audit)
+    order = [k.key for k in keys]
+    assert order[:3] == ["trtr_balanced_accuracy", "tstr_balanced_accuracy", "tstr_trtr_balanced_accuracy_ratio"]
+    assert order.index("tstr_trtr_worst_class_ratio") < order.index("trtr_auroc")
+    worst = next(k for k in keys if k.key == "tstr_worst_class_sensitivity")
+    assert worst.label.endswith(f"({heldout_audit['tstr']['worst_class']})")
+    assert "always predicts 'normal' scores balanced accuracy 0.500" in keys[0].note
+    assert next(k for k in keys if k.key == "trts_balanced_accuracy").rules == ("min_trts_balanced_accuracy",)
