@@ -24,7 +24,7 @@ from flows.policy import GateInputs, Verdict, gate
 from flows.release_config import ReleaseConfig
 from synth.artifacts import atomic_file, read_header
 from synth.config import build
-from synth.errors import InputError, PolicyBlocked, where
+from synth.errors import ConfigError, InputError, PolicyBlocked, where
 
 if TYPE_CHECKING:
     from reports.facts import ApprovalFacts, ReleaseFacts
@@ -261,6 +261,9 @@ def generate_stage(cfg: ReleaseConfig, model: Path, *, shard_index: int = 0, sha
     from synth.generate import generate
 
     g, config = cfg.generate, _generation_config(cfg)
+    if g.guidance_scale == "auto":
+        raise ConfigError("generate.guidance_scale is 'auto': pass the config returned by guidance_stage, which "
+                          "holds the chosen scale")
     name = SYNTHETIC if shard_count == 1 else shard_name(SYNTHETIC, shard_index, shard_count)
     return run_stage(
         cfg.workdir, name, inputs={"model": artifact_hash(model)},

@@ -172,11 +172,14 @@ def test_croissant_validates_and_documents_match(released):
 def test_rerun_reuses_every_stage(released):
     tmp, cfg, _ = released
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp / "work" / ".stages").iterdir()}
-    from flows.stages import generate_stage, ingest_stage, train_stage
+    from flows.stages import generate_stage, guidance_stage, ingest_stage, train_stage
+    from synth.errors import ConfigError
 
     dataset = ingest_stage(cfg)
     model = train_stage(cfg, dataset)
-    generate_stage(cfg, model)
+    with pytest.raises(ConfigError, match="guidance_scale is 'auto'"):
+        generate_stage(cfg, model)
+    generate_stage(guidance_stage(cfg, dataset, model), model)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp / "work" / ".stages").iterdir()} == stamps
 
 
@@ -338,7 +341,7 @@ def test_release_on_a_dask_local_cluster_equals_the_single_shard_run(released, t
     from flows.release import release
     from flows.release_config import RunnerSettings
     from flows.runners import task_threads
-    from flows.stages import generate_stage
+    from flows.stages import generate_stage, guidance_stage
     from privacy.audit import PrivacyAuditConfig, audit_privacy
     from reports.utility import UtilityConfig, audit_utility
 
@@ -361,7 +364,9 @@ def test_release_on_a_dask_local_cluster_equals_the_single_shard_run(released, t
                                                                          "audit-utility-job-trtr",
                                                                          "audit-utility-job-tstr"]
     with task_threads(dask_cfg.runner):  # the workers' torch and faiss thread count, in this process
-        single = generate_stage(cfg.model_copy(update={"workdir": tmp_path / "single"}), work / "model")
+        chosen = guidance_stage(dask_cfg, work / "dataset", work / "model")  # the run's choice, reused
+        single = generate_stage(chosen.model_copy(update={"workdir": tmp_path / "single", "runner": cfg.runner}),
+                                work / "model")
         audit = audit_privacy(work / "dataset", work / "synthetic", tmp_path / "audit", model_dir=work / "model",
                               config=PrivacyAuditConfig.model_validate(cfg.privacy_audit))
         utility = audit_utility(work / "dataset", work / "synthetic-released", tmp_path / "utility",
