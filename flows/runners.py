@@ -97,8 +97,10 @@ def task_threads(settings: RunnerSettings) -> Iterator[None]:
     try:
         yield
     finally:
-        torch.set_num_threads(before[0])
+        # faiss first: where both use one OpenMP runtime, the last call sets both, and torch's count is the one
+        # the rest of the process relies on.
         faiss.omp_set_num_threads(before[1])
+        torch.set_num_threads(before[0])
 
 
 def describe(settings: RunnerSettings) -> dict[str, Any]:

@@ -61,13 +61,18 @@ def test_task_threads_pins_torch_on_a_cluster_only():
     import faiss
     import torch
 
-    before = torch.get_num_threads()
+    # torch and faiss share one OpenMP runtime here: set both, whatever an earlier test left behind.
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)
     faiss.omp_set_num_threads(2)
-    with task_threads(RunnerSettings(kind="dask", threads_per_worker=1)):
-        assert torch.get_num_threads() == 1 and faiss.omp_get_max_threads() == 1
-    assert torch.get_num_threads() == before and faiss.omp_get_max_threads() == 2
-    with task_threads(RunnerSettings(kind="threads")):
-        assert torch.get_num_threads() == before
+    try:
+        with task_threads(RunnerSettings(kind="dask", threads_per_worker=1)):
+            assert torch.get_num_threads() == 1 and faiss.omp_get_max_threads() == 1
+        assert torch.get_num_threads() == 2 and faiss.omp_get_max_threads() == 2
+        with task_threads(RunnerSettings(kind="threads")):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(outer)
 
 
 def test_bad_runner_settings_are_rejected_with_the_value(tmp_path, capsys):
