@@ -73,8 +73,8 @@ class GenerateSettings(BaseModel):
     @field_validator("guidance_scale")
     @classmethod
     def _guidance(cls, value: float | str | None) -> float | str | None:
-        if isinstance(value, float) and value > 50:
-            raise ValueError(f"guidance_scale {value} is above 50")
+        if isinstance(value, float) and not 0 <= value <= 50:
+            raise ValueError(f"guidance_scale {value} is outside 0..50 (or use auto)")
         return value
 
     @field_validator("guidance_selection")

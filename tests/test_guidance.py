@@ -62,3 +62,17 @@ def test_selection_scores_every_candidate_on_val_never_test(pneumonia_slice: Pat
         assert 0.0 <= c["balanced_accuracy"] <= 1.0 and c["worst_class"] in ("normal", "pneumonia")
     with pytest.raises(InputError, match="already exists"):
         select_guidance(pneumonia_slice, model, out, sampler="ddim-2", config=cfg, device="cpu")
+
+
+def test_release_config_takes_auto_or_a_scale_in_range() -> None:
+    from pydantic import ValidationError
+
+    from flows.release_config import ReleaseConfig
+
+    assert ReleaseConfig().generate.guidance_scale == "auto"
+    assert ReleaseConfig.model_validate({"generate": {"guidance_scale": 2}}).generate.guidance_scale == 2.0
+    for bad in (-1, 60, "sometimes"):
+        with pytest.raises(ValidationError, match="guidance_scale"):
+            ReleaseConfig.model_validate({"generate": {"guidance_scale": bad}})
+    with pytest.raises(ValidationError, match="guidance scales must be in"):
+        ReleaseConfig.model_validate({"generate": {"guidance_selection": {"candidates": [1, 99]}}})
