@@ -44,6 +44,7 @@ _COMMON: dict[str, Any] = {
     "condition_attributes": "auto",
     "noise_multiplicity": 1,
     "min_snr_gamma": None,
+    "class_balance": 0.0,
     "seed": 0,
     "device": "auto",
     "beta_schedule": "linear",
@@ -141,6 +142,10 @@ class TrainConfig(BaseModel):
     noise_multiplicity: int = Field(ge=1)  # K (noise, timestep) draws per example and step
     # Min-SNR-γ loss weighting (None: plain epsilon MSE); see synth.training.per_row_loss.
     min_snr_gamma: float | None = Field(gt=0)
+    # Class-balanced batches: an example of class c is drawn with weight n_c^-class_balance (0: the data's own
+    # order and prior; 1: every class equally often). Non-private runs only: DP-SGD's accountant assumes uniform
+    # Poisson sampling. See synth.training.make_loader.
+    class_balance: float = Field(ge=0, le=1)
     # Run
     checkpoint_every: int | None = Field(ge=1)
     seed: int = Field(ge=0)

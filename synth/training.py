@@ -141,6 +141,39 @@ class ImageConditionDataset(torch.utils.data.Dataset):
         return self.images[index].float().div_(127.5).sub_(1.0), self.conditions[index]
 
 
+def class_balance_weights(labels: np.ndarray, power: float) -> torch.Tensor:
+    """Per-example sampling weights n_c^-power for class counts n_c (power 0: uniform over examples, 1: uniform
+    over the classes present)."""
+    counts = np.bincount(labels)
+    return torch.from_numpy(counts[labels].astype(np.float64) ** -power)
+
+
+def make_loader(data: TrainingData, config: TrainConfig, generator: torch.Generator) -> DataLoader:
+    """The training loader: shuffled batches of `config.batch_size` (the last partial batch dropped), or, with
+    `config.class_balance` > 0, batches drawn with replacement so that rare classes are seen more often.
+
+    Why balance: with one class at 1% of the data a few hundred steps show its embedding a few hundred examples
+    in all, and the generator never learns that class's condition; the released set is generated per class
+    anyway, so what the model needs is p(image | class) for every class, not the data's class prior."""
+    dataset = ImageConditionDataset(data.images, data.conditions)
+    sampler = None
+    if config.class_balance > 0:
+        labels = data.space.labels_of(data.conditions.numpy())
+        sampler = torch.utils.data.WeightedRandomSampler(
+            class_balance_weights(labels, config.class_balance), num_samples=len(data), replacement=True,
+            generator=generator,
+        )
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,  # fixed-size batches; the dropped remainder differs every epoch
+        generator=generator if sampler is None else None,
+        num_workers=config.num_workers,
+    )
+
+
 def auto_attributes(meta: pd.DataFrame, candidates: list[str]) -> tuple[str, ...]:
     """The dataset attributes worth conditioning on by default: no missing values, at most MAX_ATTRIBUTE_VALUES
     distinct values, and a joint label × attribute space within MAX_CONDITIONS (attributes taken in order)."""
@@ -508,6 +541,11 @@ def _train(
                     f"K={privacy.noise_multiplicity}; set both the same",
                 )
             )
+        if config.class_balance:
+            raise ConfigError(
+                where("train config", f"class_balance {config.class_balance} needs non-private training: DP-SGD's "
+                                      "accounting assumes uniform Poisson sampling; set it to 0 with DP")
+            )
         if config.epochs is None and config.max_steps is None:
             raise ConfigError(
                 where("train config", "DP training needs epochs or max_steps to calibrate its noise (max_minutes "
@@ -557,14 +595,7 @@ def _train(
     scheduler = make_scheduler(config)
     loader_gen = torch.Generator().manual_seed(seeds["data_order"])
     noise_gen = torch.Generator(device=device).manual_seed(seeds["noise"])
-    loader: Any = DataLoader(
-        ImageConditionDataset(data.images, data.conditions),
-        batch_size=config.batch_size,
-        shuffle=True,
-        drop_last=True,  # fixed-size batches; the dropped remainder differs every epoch
-        generator=loader_gen,
-        num_workers=config.num_workers,
-    )
+    loader: Any = make_loader(data, config, loader_gen)
     batches_per_epoch = len(loader)
     planned = _planned_steps(config, batches_per_epoch)
     model: nn.Module = unet

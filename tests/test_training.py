@@ -622,3 +622,47 @@ def test_training_sets_its_own_thread_count(pneumonia_slice: Path, tmp_path: Pat
     card = json.loads((tmp_path / "model" / "model_card.json").read_text())
     assert card["device"] == "cpu (2 threads)"
     assert cpu_threads(TrainConfig(preset="tiny")) >= 1
+
+
+# -- class-balanced batches ----------------------------------------------------------------------------------
+
+
+def test_class_balanced_loader_draws_every_class_equally_often() -> None:
+    from synth.training import TrainingData, make_loader
+
+    # 3 classes at 80/15/5 crossed with an attribute: balance is by class label, not by joint condition.
+    space = ConditionSpace(class_names=("a", "b", "c"), attributes=(("sex", ("F", "M")),))
+    labels = np.repeat([0, 1, 2], [80, 15, 5])
+    conditions = labels * 2 + np.random.default_rng(0).integers(0, 2, len(labels))
+    data = TrainingData(
+        images=torch.zeros(len(labels), 1, 4, 4, dtype=torch.uint8), conditions=torch.from_numpy(conditions),
+        space=space, dataset_hash="x", image={"height": 4, "width": 4, "channels": 1},
+        condition_counts=np.bincount(conditions, minlength=6).tolist(),
+    )
+    prior = np.bincount(labels) / len(labels)
+
+    def drawn(balance: float, epochs: int) -> np.ndarray:
+        loader = make_loader(data, cfg(class_balance=balance, batch_size=20), torch.Generator().manual_seed(0))
+        seen = torch.cat([y for _ in range(epochs) for _, y in loader]).numpy()
+        return np.bincount(space.labels_of(seen), minlength=3) / len(seen)
+
+    assert np.allclose(drawn(0.0, 1), prior)  # shuffled without replacement: exactly the data's prior
+    assert np.allclose(drawn(1.0, 60), 1 / 3, atol=0.03)  # 6,000 draws: every class about a third
+    sqrt = drawn(0.5, 60)  # weights n_c^-0.5: in between
+    assert np.allclose(sqrt, np.sqrt([80, 15, 5]) / np.sqrt([80, 15, 5]).sum(), atol=0.03)
+    first = [y.tolist() for _, y in make_loader(data, cfg(class_balance=1.0), torch.Generator().manual_seed(0))]
+    again = [y.tolist() for _, y in make_loader(data, cfg(class_balance=1.0), torch.Generator().manual_seed(0))]
+    assert first == again  # the order is a function of the seed: resumable and reproducible
+
+
+def test_class_balanced_training_resumes_exactly_and_refuses_dp(pneumonia_slice: Path, tmp_path: Path) -> None:
+    config = cfg(class_balance=1.0, checkpoint_every=2)
+    full = train(pneumonia_slice, tmp_path / "full", config, progress=False)
+    out = tmp_path / "model"
+    with pytest.raises(KeyboardInterrupt):
+        train(pneumonia_slice, out, config, progress=False, on_step=_stop_at(3, "ctrl-c"))
+    train(pneumonia_slice, out, config, progress=False, resume=True)
+    assert card(out)["config"]["train"]["class_balance"] == 1.0
+    assert_same_weights(out, full)
+    with pytest.raises(ConfigError, match=r"class_balance 1\.0 needs non-private"):
+        train(pneumonia_slice, tmp_path / "dp", cfg(class_balance=1.0), privacy=FakeStrategy(), progress=False)
