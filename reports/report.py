@@ -45,27 +45,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from privacy.audit_result import MembershipSummary, parse_privacy_audit
 from reports import figures
+from reports.utility_result import read_utility_audit
+from synth import layout
 from synth.artifacts import atomic_dir, read_header, verify_content, write_header
 from synth.data.canonical import SPLIT_ORDER, Dataset, load_dataset
 from synth.errors import InputError, IntegrityError, where
 
 KIND = "report"
 SCHEMA_VERSION = 1
-HTML = "report.html"
-SUMMARY = "summary.json"
+HTML = layout.REPORT_HTML
+SUMMARY = layout.REPORT_SUMMARY
 TEMPLATES = Path(__file__).parent / "templates"
 TEMPLATE = "report.html.j2"
 
-PRIVACY_HEADER = "privacy.json"
-PRIVACY_KIND = "privacy_audit"
-MEMORIZATION_TABLE = "memorization.parquet"
-UTILITY_HEADER = "utility.json"
-UTILITY_KIND = "utility_audit"
-UTILITY_ROC = "roc.json"
-MODEL_CARD = "model_card.json"
-MODEL_KIND = "model"
-LEDGER = "privacy_ledger.json"
+PRIVACY_HEADER = layout.PRIVACY_AUDIT_HEADER
+MEMORIZATION_TABLE = layout.MEMORIZATION_TABLE
+UTILITY_ROC = layout.UTILITY_ROC
 SYNTHETIC_SPLIT = "synthetic"
 
 SAMPLES_PER_CLASS = 24
@@ -111,8 +108,8 @@ class ReportInputs:
     real: Dataset
     synthetic: Dataset
     model_dir: Path | None = None
-    model_card: dict[str, Any] | None = None
-    ledger: dict[str, Any] | None = None
+    model_card: dict[str, Any] | None = None  # as written; validated by synth.model_card.ModelCard
+    ledger: dict[str, Any] | None = None  # privacy.ledger.PrivacyLedger.to_dict()
     verdict: dict[str, Any] | None = None
     verdict_source: str | None = None
     hashes: dict[str, str] = field(default_factory=dict)
@@ -215,13 +212,17 @@ def load_report_inputs(
     verdict: Any = None,
 ) -> ReportInputs:
     """Open and cross-check every input; each problem is a one-line `InputError` naming the file."""
+    from privacy.ledger import read_model_ledger
+    from synth.model_card import read_model_card
+
     privacy_dir, utility_dir = Path(privacy_dir), Path(utility_dir)
     real, synthetic = load_dataset(Path(real_dir)), load_dataset(Path(synthetic_dir))
     if synthetic.class_names != real.class_names:
         raise InputError(where(synthetic_dir, f"class names {synthetic.class_names} differ from the real set's "
                                               f"{real.class_names}"))
 
-    privacy = read_header(privacy_dir, PRIVACY_HEADER, kind=PRIVACY_KIND)
+    privacy = read_header(privacy_dir, PRIVACY_HEADER, kind=layout.PRIVACY_AUDIT_KIND)
+    parse_privacy_audit(privacy, source=privacy_dir / PRIVACY_HEADER)
     _verify(privacy_dir, privacy)  # small files: a report must not describe an altered audit
     memo = None
     if (privacy_dir / MEMORIZATION_TABLE).is_file():
@@ -243,7 +244,7 @@ def load_report_inputs(
                                             f"{str(p_inputs['synthetic'])[:12]}…, not on {synthetic_dir} "
                                             f"({synthetic.content_hash[:12]}…) or the set it was filtered from"))
 
-    utility = read_header(utility_dir, UTILITY_HEADER, kind=UTILITY_KIND)
+    utility = read_utility_audit(utility_dir)
     _verify(utility_dir, utility)
     u_inputs = utility.get("inputs") or {}
     if u_inputs.get("real") != real.content_hash:
@@ -272,7 +273,7 @@ def load_report_inputs(
 
     if model_dir is not None:
         model_dir = Path(model_dir)
-        card = read_header(model_dir, MODEL_CARD, kind=MODEL_KIND)
+        card = read_model_card(model_dir, require_weights=False)
         generated_from = (synthetic.header.get("generation") or {}).get("model_content_hash") or \
             (synthetic.header.get("inputs") or {}).get("model")
         if generated_from and generated_from != card["content_hash"]:
@@ -289,11 +290,11 @@ def load_report_inputs(
         if trained_on and trained_on != real.content_hash:
             inputs.notes.append(f"the model was trained on dataset {str(trained_on)[:12]}…, not on the real set "
                                 f"given here ({real.content_hash[:12]}…)")
-        ledger = None
-        if card.get("privacy") is not None or (model_dir / LEDGER).exists():
-            ledger = _read_json(model_dir / LEDGER, "privacy ledger (the model card claims DP)")
-            if not isinstance(ledger, dict):
-                raise InputError(where(model_dir / LEDGER, "must be a JSON object"))
+        typed_ledger = read_model_ledger(model_dir)
+        if typed_ledger is None and card.get("privacy") is not None:
+            raise InputError(where(model_dir / layout.PRIVACY_LEDGER,
+                                   "privacy ledger (the model card claims DP) not found"))
+        ledger = None if typed_ledger is None else typed_ledger.to_dict()
         inputs.model_dir, inputs.model_card, inputs.ledger = model_dir, card, ledger
         hashes["model"] = str(card["content_hash"])
 
@@ -502,11 +503,14 @@ def _key_numbers(inp: ReportInputs) -> list[KeyNumber]:
         out.append(KeyNumber("flagged_fraction", "Memorization: flagged synthetic images", None, None, "not run",
                              ("max_flagged_fraction",), "max"))
 
-    mem = body_p.get("membership")
-    if isinstance(mem, Mapping) and _finite(mem.get("auc")):
-        auc_ci = mem.get("auc_ci")
-        out.append(KeyNumber("membership_auc", "Membership inference AUC (strongest attack)", float(mem["auc"]),
-                             auc_ci, fmt(float(mem["auc"]), ".3f"), ("max_membership_auc",), "max"))
+    membership = _membership_summary(body_p)
+    judged = membership.judged if membership is not None else None
+    if judged is not None:
+        # The value the gate judges (`MembershipSummary.judged`), not only the published-direction headline.
+        label = "strongest attack" + (f", {judged.attack} reversed: 1 − AUC" if judged.reversed else "")
+        out.append(KeyNumber("membership_auc", f"Membership inference AUC ({label})", judged.value, judged.ci,
+                             fmt(judged.value, ".3f"), ("max_membership_auc",), "max"))
+        mem = body_p["membership"]
         attack = (mem.get("attacks") or {}).get(mem.get("auc_attack")) or {}
         tpr = mem.get("tpr_at_1pct_fpr")
         out.append(KeyNumber("membership_tpr_at_1pct_fpr", "Membership TPR at 1% FPR (strongest)", tpr,
@@ -515,7 +519,6 @@ def _key_numbers(inp: ReportInputs) -> list[KeyNumber]:
     else:
         out.append(KeyNumber("membership_auc", "Membership inference AUC", None, None, "not run",
                              ("max_membership_auc", "max_membership_tpr_at_1pct_fpr"), "max"))
-
     fid = _headline_fid(body_u.get("fidelity"))
     if fid is not None:
         out.append(KeyNumber("fid", f"FID in the {fid['space']} space (real holdout floor)", fid["synthetic"], None,
@@ -709,9 +712,17 @@ def _filtering(inp: ReportInputs) -> dict[str, Any] | None:
     }
 
 
+def _membership_summary(privacy: Mapping[str, Any]) -> MembershipSummary | None:
+    """The typed `membership` section of a privacy audit header (validated when the inputs were loaded)."""
+    mem = privacy.get("membership")
+    return MembershipSummary.model_validate(mem) if isinstance(mem, Mapping) else None
+
+
 def _membership(inp: ReportInputs) -> dict[str, Any] | None:
     mem = inp.privacy.get("membership")
-    if not isinstance(mem, Mapping) or not _finite(mem.get("auc")):
+    summary = _membership_summary(inp.privacy)
+    judged = summary.judged if summary is not None else None
+    if not isinstance(mem, Mapping) or judged is None:
         reason = mem.get("reason") or mem.get("status") if isinstance(mem, Mapping) else None
         return {"run": False, "reason": reason}
     attacks = []
@@ -727,8 +738,8 @@ def _membership(inp: ReportInputs) -> dict[str, Any] | None:
             curves[f"{name} (AUC {fmt(a.get('auc'), '.3f')})"] = a["roc"]
     return {
         "run": True,
-        "auc": {"value": mem.get("auc"), "ci": mem.get("auc_ci")},
-        "auc_attack": mem.get("auc_attack"),
+        "auc": {"value": judged.value, "ci": judged.ci},  # the judged AUC, as in the summary and the gate
+        "auc_attack": judged.attack if not judged.reversed else f"{judged.attack} (reversed: 1 − AUC)",
         "tpr1": mem.get("tpr_at_1pct_fpr"),
         "n_members": mem.get("n_members"),
         "n_nonmembers": mem.get("n_nonmembers"),
