@@ -31,9 +31,9 @@ VERDICT_FILE = "verdict.json"
 
 def _recorded_dirs(utility_dir: Path) -> tuple[Path | None, Path | None]:
     """The real and synthetic dataset directories a utility audit recorded (None when it has none)."""
-    from synth.artifacts import read_header
+    from reports.utility_result import read_utility_audit
 
-    header: dict[str, Any] = read_header(utility_dir, "utility.json", kind="utility_audit")
+    header: dict[str, Any] = read_utility_audit(utility_dir)
     data = header.get("data") or {}
     real = (data.get("real") or {}).get("dir")
     synthetic = (data.get("synthetic") or {}).get("dir")
@@ -70,8 +70,9 @@ def resolve_inputs(
             raise InputError(where(utility, "records no dataset directories; pass --real and --synthetic"))
     if model is None:
         from synth.artifacts import read_header
+        from synth.layout import DATASET_HEADER
 
-        gen = read_header(synthetic, "dataset.json", kind="dataset").get("generation") or {}
+        gen = read_header(synthetic, DATASET_HEADER, kind="dataset").get("generation") or {}
         if gen.get("model"):
             if Path(gen["model"]).is_dir():
                 model = Path(gen["model"])

@@ -7,6 +7,7 @@ constrains but the run did not measure blocks the release (fail closed).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -53,7 +54,10 @@ class GateInputs(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     dp: bool
-    epsilon: float | None = None
+    epsilon: float | None = None  # the privacy ledger's ε: the value the ledger check recomputes
+    # The ε the model card states (what people read). Compared with the ledger's when the caller sets this field
+    # (`flows.stages.gate_inputs` always does, None meaning "the card states none"); left unset, not compared.
+    card_epsilon: float | None = None
     delta: float | None = None
     ledger_check_passed: bool | None = None
     flagged_fraction: float | None = None  # in the set to be released (after filtering)
@@ -118,6 +122,21 @@ def _lower(rule: str, value: float | None, limit: float | None, what: str) -> Ch
     return Check(rule=rule, passed=ok, value=value, threshold=limit, message=f"{what} {value:.4g} {op} {limit:g}")
 
 
+def _card_epsilon(card: float | None, ledger: float | None) -> Check:
+    """The model card must state the ε its privacy ledger proves: a card edited after training misleads readers."""
+    ok = card is not None and ledger is not None and math.isclose(card, ledger, rel_tol=1e-9, abs_tol=1e-12)
+    if ok:
+        message = f"model card ε {card:.4g} equals the privacy ledger's ε"
+    elif card is None:
+        message = "model card states no ε, but the model has a privacy ledger" if ledger is not None \
+            else "neither the model card nor a privacy ledger states ε"
+    elif ledger is None:
+        message = f"model card states ε {card:.4g}, but the model has no privacy ledger"
+    else:
+        message = f"model card states ε {card:.6g}, but its privacy ledger's ε is {ledger:.6g}"
+    return Check(rule="card_epsilon", passed=ok, value=card, threshold=ledger, message=message)
+
+
 def gate(inputs: GateInputs, policy: Policy) -> Verdict:
     """Judge a run against a policy; every failed check is a reason to block."""
     checks: list[Check | None] = []
@@ -134,6 +153,8 @@ def gate(inputs: GateInputs, policy: Policy) -> Verdict:
                 message="ε recomputed independently from the ledger agrees with the claim" if ok
                 else "ε could not be confirmed from the privacy ledger",
             ))
+        if "card_epsilon" in inputs.model_fields_set:
+            checks.append(_card_epsilon(inputs.card_epsilon, inputs.epsilon))
     elif policy.max_epsilon is not None:
         checks.append(Check(rule="max_epsilon", passed=False, value=None, threshold=policy.max_epsilon,
                             message="policy bounds ε but the model is not differentially private"))

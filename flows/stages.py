@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from flows.policy import GateInputs, Verdict, gate
 from flows.release_config import ReleaseConfig
+from synth import layout
 from synth.artifacts import atomic_file, read_header
 from synth.config import build
 from synth.errors import ConfigError, InputError, PolicyBlocked, where
@@ -32,14 +33,13 @@ if TYPE_CHECKING:
 T = TypeVar("T", bound=BaseModel)
 
 # The header file of each artifact kind, in the order they are looked for.
-_HEADERS = ("dataset.json", "model_card.json", "privacy.json", "utility.json", "summary.json", "report.json")
 STAMPS = ".stages"
 
 
 def artifact_hash(root: Path) -> str:
     """Content hash of an artifact directory, read from its header (a known header name first, else the one
     top-level JSON file that is a synthgate header)."""
-    for name in _HEADERS:
+    for name in layout.ARTIFACT_HEADERS:
         if (Path(root) / name).is_file():
             return str(read_header(root, name)["content_hash"])
     for candidate in sorted(Path(root).glob("*.json")):
@@ -404,35 +404,37 @@ def gate_inputs(privacy_dir: Path, utility_dir: Path, model: Path, released: Pat
     what is released is what must be safe)."""
     import pandas as pd
 
-    from privacy.audit import read_privacy_audit
+    from privacy.audit_result import load_privacy_audit
     from privacy.disclosure import check_disclosure
+    from privacy.ledger import read_model_ledger
+    from reports.utility_result import load_utility_audit
     from synth.data.canonical import load_dataset
+    from synth.model_card import load_model_card
 
-    audit = read_privacy_audit(privacy_dir)
-    utility = read_header(utility_dir, "utility.json")
-    card = read_header(model, "model_card.json")
-    privacy = card.get("privacy") or {}
+    audit = load_privacy_audit(privacy_dir)
+    utility = load_utility_audit(utility_dir)
+    claim = load_model_card(model).privacy
+    ledger = read_model_ledger(model)
     rel = load_dataset(released)
-    table = pd.read_parquet(privacy_dir / audit["memorization"]["table"], columns=["image_id", "flagged"])
+    table = pd.read_parquet(privacy_dir / audit.memorization.table, columns=["image_id", "flagged"])
     flagged_ids = set(table.loc[table["flagged"], "image_id"])
     released_ids = rel.metadata["image_id"]
-    ledger_check = audit.get("ledger_check")
-    membership = audit.get("membership") or {}
+    membership = audit.membership
     # The released set is re-checked on the columns the audit judged released (label + patient attributes).
-    disclosure = check_disclosure(rel.metadata, k=int(audit["disclosure"]["k"]),
-                                  columns=list(audit["disclosure"]["columns"]))
+    disclosure = check_disclosure(rel.metadata, k=audit.disclosure.k, columns=list(audit.disclosure.columns))
     counts = rel.header["counts"]["per_class"].get("synthetic", {})
     return GateInputs(
-        dp=bool(privacy),
-        epsilon=privacy.get("epsilon"),
-        delta=privacy.get("delta"),
-        ledger_check_passed=None if ledger_check is None else bool(ledger_check.get("passed")),
+        dp=ledger is not None or claim is not None,
+        # One ε: the ledger's, which the ledger check recomputes; the card's is compared with it by the gate.
+        epsilon=ledger.epsilon if ledger is not None else None,
+        delta=ledger.delta if ledger is not None else None,
+        card_epsilon=claim.epsilon if claim is not None else None,
+        ledger_check_passed=None if audit.ledger_check is None else audit.ledger_check.passed,
         flagged_fraction=float(released_ids.isin(flagged_ids).mean()) if len(released_ids) else 1.0,
-        flagged_fraction_before_filter=float(audit["memorization"]["flagged_fraction"]),
-        # Either direction: an attacker can learn an attack's sign from shadow models.
-        membership_auc=membership.get("auc_any_direction", membership.get("auc")),
-        membership_tpr_at_1pct_fpr=membership.get("tpr_at_1pct_fpr"),
-        **utility_gate_fields(utility),
+        flagged_fraction_before_filter=audit.memorization.flagged_fraction,
+        membership_auc=audit.judged_membership_auc,
+        membership_tpr_at_1pct_fpr=membership.tpr_at_1pct_fpr if membership is not None else None,
+        **utility_gate_fields(utility.body()),
         per_class_counts={str(k): int(v) for k, v in counts.items()},
         disclosure_violations=disclosure.violations + int(disclosure.released_patient_id),
     )
@@ -440,30 +442,24 @@ def gate_inputs(privacy_dir: Path, utility_dir: Path, model: Path, released: Pat
 
 def utility_gate_fields(utility: Mapping[str, Any]) -> dict[str, float | None]:
     """The `GateInputs` fields read off a `utility.json` body (None where the audit did not measure them)."""
+    from reports.utility_result import metric_value, paired_ratio
+
     return {
-        "tstr_trtr_balanced_accuracy_ratio": _paired_ratio(utility, "balanced_accuracy"),
-        "tstr_trtr_worst_class_ratio": _paired_ratio(utility, "worst_class_sensitivity"),
-        "trts_balanced_accuracy": _value(utility, "trts", "balanced_accuracy"),
+        "tstr_trtr_balanced_accuracy_ratio": paired_ratio(utility, "balanced_accuracy"),
+        "tstr_trtr_worst_class_ratio": paired_ratio(utility, "worst_class_sensitivity"),
+        "trts_balanced_accuracy": metric_value(utility, "trts", "balanced_accuracy"),
         "tstr_trtr_ratio": (utility.get("tstr_over_trtr") or {}).get("value"),
-        "trts_accuracy": _value(utility, "trts", "accuracy"),
+        "trts_accuracy": metric_value(utility, "trts", "accuracy"),
     }
-
-
-def _value(utility: Mapping[str, Any], setting: str, metric: str) -> float | None:
-    return ((utility.get(setting) or {}).get(metric) or {}).get("value")
-
-
-def _paired_ratio(utility: Mapping[str, Any], metric: str) -> float | None:
-    """TSTR/TRTR of `metric` (paired bootstrap point estimate); None when the audit did not measure it."""
-    return (((utility.get("tstr_vs_trtr") or {}).get(metric) or {}).get("ratio") or {}).get("value")
 
 
 def utility_markdown(utility_dir: Path) -> str:
     """Key utility numbers for the Prefect summary: balanced accuracy and the worst class first, with the floor a
     majority-class classifier scores (numbers only)."""
     from reports.facts import UtilityAuditFacts
+    from reports.utility_result import load_utility_audit
 
-    u = UtilityAuditFacts.from_utility(read_header(utility_dir, "utility.json"))
+    u = UtilityAuditFacts.from_utility(load_utility_audit(utility_dir).body())
 
     def est(e: Any) -> str:
         return "–" if e is None else f"{e.value:.3f}"
@@ -517,7 +513,7 @@ def release_facts(
     privacy_dir: Path, utility_dir: Path, verdict: Verdict, approval: ApprovalFacts,
 ) -> ReleaseFacts:
     """Everything the dataset card, datasheet and Croissant say, read off the run's artifacts."""
-    from privacy.audit import read_privacy_audit
+    from privacy.audit_result import load_privacy_audit
     from reports.facts import (
         GateFacts,
         ModelFacts,
@@ -529,15 +525,15 @@ def release_facts(
         UtilityAuditFacts,
         git_commit,
     )
+    from reports.utility_result import load_utility_audit
 
-    audit = read_privacy_audit(privacy_dir)
-    utility = read_header(utility_dir, "utility.json")
-    mem = audit["memorization"]
-    membership = audit.get("membership") or {}
-    n_generated = int(audit["counts"]["synthetic"])
-    n_released = int(read_header(released, "dataset.json")["counts"]["total"])
+    audit = load_privacy_audit(privacy_dir)
+    utility = load_utility_audit(utility_dir).body()
+    mem = audit.memorization
+    n_generated = int(audit.counts["synthetic"])
+    n_released = int(read_header(released, layout.DATASET_HEADER)["counts"]["total"])
 
-    generation = read_header(synthetic, "dataset.json")
+    generation = read_header(synthetic, layout.DATASET_HEADER)
     generation_facts = dict(generation.get("config") or {})
     selected = guidance_facts(cfg)
     if selected is not None:
@@ -554,13 +550,13 @@ def release_facts(
         model=ModelFacts.from_model_dir(model).model_copy(update={"guidance_scale": guidance_scale}),
         privacy=PrivacyFacts.from_model_dir(model),
         privacy_audit=PrivacyAuditFacts(
-            flagged_fraction_before=float(mem["flagged_fraction"]),
-            flagged_fraction_after=0.0 if released != synthetic else float(mem["flagged_fraction"]),
+            flagged_fraction_before=mem.flagged_fraction,
+            flagged_fraction_after=0.0 if released != synthetic else mem.flagged_fraction,
             removed=n_generated - n_released,
-            thresholds={str(k): float(v) for k, v in (mem.get("thresholds") or {}).items()
+            thresholds={str(k): float(v) for k, v in (mem.thresholds or {}).items()
                         if isinstance(v, int | float)},
-            membership_auc=membership.get("auc"),
-            disclosure_k=int(audit["config"].get("disclosure_k", 5)),
+            membership_auc=audit.judged_membership_auc,  # the value the gate judged
+            disclosure_k=int(audit.config.get("disclosure_k", 5)),
         ),
         utility_audit=UtilityAuditFacts.from_utility(utility,
                                                      classifier="small ResNet-style CNN (reports/classifier.py)"),

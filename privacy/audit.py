@@ -69,14 +69,15 @@ from privacy.memorization import (
     synthetic_block_size,
 )
 from privacy.memorization_artifacts import read_reference, read_shard, write_reference_files, write_shard_files
+from synth import layout
 from synth.artifacts import atomic_dir, read_header, sha256_file, verify_content, write_header, write_json
 from synth.data.canonical import Dataset, image_spec, load_dataset
 from synth.errors import ConfigError, InputError, where
 
-KIND = "privacy_audit"
+KIND = layout.PRIVACY_AUDIT_KIND
 SCHEMA_VERSION = 1
-HEADER = "privacy.json"
-TABLE = "memorization.parquet"
+HEADER = layout.PRIVACY_AUDIT_HEADER
+TABLE = layout.MEMORIZATION_TABLE
 NULL_TABLE = "holdout_distances.parquet"
 PLOTS = "plots.json"
 ENCODER_DIR = "encoder"
@@ -581,5 +582,8 @@ def audit_privacy(
 
 
 def read_privacy_audit(root: Path) -> dict[str, Any]:
-    """The header (`privacy.json`) of a privacy audit directory."""
-    return read_header(Path(root), HEADER, kind=KIND)
+    """The header (`privacy.json`) of a privacy audit directory, checked against its schema
+    (`privacy.audit_result`, where the typed reader lives)."""
+    from privacy.audit_result import read_privacy_audit as read
+
+    return read(root)

@@ -242,4 +242,21 @@ def load_ledger(path) -> PrivacyLedger:
         text = path.read_text()
     except OSError as err:
         raise InputError(where(path, f"cannot read privacy ledger: {err.strerror}")) from None
-    return PrivacyLedger.from_json(text, source=path)
+    except UnicodeDecodeError as err:
+        raise InputError(where(path, f"cannot be read as JSON ({err.__class__.__name__})")) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(where(path, f"cannot be read as JSON ({err.__class__.__name__})")) from None
+    return PrivacyLedger.from_dict(data, source=path)
+
+
+def read_model_ledger(model_dir) -> PrivacyLedger | None:
+    """The privacy ledger of a model directory (`privacy_ledger.json`), or None when the model was trained without
+    DP. The one reader every consumer (ledger check, gate, report, release documents) goes through."""
+    from pathlib import Path
+
+    from synth.layout import PRIVACY_LEDGER
+
+    path = Path(model_dir) / PRIVACY_LEDGER
+    return load_ledger(path) if path.exists() else None

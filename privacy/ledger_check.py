@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from privacy.ledger import PrivacyLedger, epsilon_dp_accounting
+from synth import layout
 from synth.errors import InputError, where
 
-LEDGER_FILE = "privacy_ledger.json"
+LEDGER_FILE = layout.PRIVACY_LEDGER
 
 
 @dataclass(frozen=True)

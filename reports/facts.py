@@ -24,8 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from synth.errors import InputError, where
 
 SYNTHETIC_SPLIT = "synthetic"
-MODEL_CARD = "model_card.json"
-PRIVACY_LEDGER = "privacy_ledger.json"
 # Training settings and results shown in the documents (the model card holds more, e.g. the loss curve).
 _TRAIN_CONFIG_KEYS = ("batch_size", "lr", "epochs", "max_steps", "num_train_timesteps", "cfg_dropout", "ema_decay",
                       "noise_multiplicity", "seed")
@@ -155,18 +153,18 @@ class ModelFacts(_Facts):
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> ModelFacts:
         """Facts of a model directory, read from its `model_card.json` (scalar training numbers only)."""
-        from synth.artifacts import read_header
+        from synth.model_card import load_model_card
 
-        h = read_header(Path(model_dir), MODEL_CARD, kind="model")
-        train = dict((h.get("config") or {}).get("train") or {})
+        card = load_model_card(Path(model_dir))
+        train = card.train_config
         training = {k: train[k] for k in _TRAIN_CONFIG_KEYS if train.get(k) is not None}
-        training |= {k: h[k] for k in _TRAIN_RESULT_KEYS if isinstance(h.get(k), str | int | float | bool)}
-        cond = h.get("conditions") or {}
-        weights = h.get("weights")
+        training |= {k: card.extra(k) for k in _TRAIN_RESULT_KEYS
+                     if isinstance(card.extra(k), str | int | float | bool)}
+        cond = card.conditions or {}
         return cls(
-            content_hash=str(h["content_hash"]),
+            content_hash=card.content_hash,
             preset=train.get("preset"),
-            weights=weights.get("default") if isinstance(weights, Mapping) else None,
+            weights=(card.weights or {}).get("default"),
             training=training,
             condition_attributes={a["name"]: tuple(a["values"]) for a in cond.get("attributes", [])},
             num_conditions=cond.get("num_conditions"),
@@ -211,19 +209,15 @@ class PrivacyFacts(_Facts):
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> PrivacyFacts:
-        """The claim of a model directory: its `privacy_ledger.json` when present, else not private."""
-        import json
+        """The claim of a model directory: its privacy ledger (`privacy.ledger.read_model_ledger`) when present,
+        else not private."""
+        from privacy.ledger import read_model_ledger
+        from synth.layout import PRIVACY_LEDGER
 
-        path = Path(model_dir) / PRIVACY_LEDGER
-        if not path.is_file():
+        ledger = read_model_ledger(model_dir)
+        if ledger is None:
             return cls.not_private()
-        try:
-            ledger = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(where(path, f"cannot be read as JSON ({e.__class__.__name__})")) from None
-        if not isinstance(ledger, Mapping):
-            raise InputError(where(path, "is not a privacy ledger (expected a JSON object)"))
-        return cls.from_ledger(ledger, source=path)
+        return cls.from_ledger(ledger.to_dict(), source=Path(model_dir) / PRIVACY_LEDGER)
 
     @classmethod
     def from_ledger(cls, ledger: Mapping[str, Any] | None, *, source: object = "privacy ledger") -> PrivacyFacts:

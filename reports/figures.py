@@ -69,11 +69,6 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def grid_png(images: np.ndarray, ncols: int) -> bytes:
-    """`tile_grid` as PNG bytes."""
-    return png_bytes(tile_grid(images, ncols))
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Plots
 

@@ -26,13 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from reports.classifier import ClassifierConfig, torch_threads, train_classifier
 from reports.metrics import classification_metrics
+from synth import layout
 from synth.artifacts import atomic_dir, read_header, write_header
 from synth.data.canonical import load_dataset
 from synth.errors import InputError, where
 
 KIND = "guidance_selection"
 SCHEMA_VERSION = 1
-HEADER = "guidance.json"
+HEADER = layout.GUIDANCE_HEADER
 # Scores closer than this are a tie (the validation split's sampling noise is larger): prefer less guidance,
 # which keeps more diversity.
 TIE = 0.005

@@ -51,14 +51,15 @@ from reports.metrics import (
     roc_curve,
     subgroup_metrics,
 )
+from synth import layout
 from synth.artifacts import atomic_dir, read_header, sha256_file, verify_content, write_header, write_json
 from synth.data.canonical import SPLITS, Dataset, load_dataset
 from synth.errors import InputError, where
 
-KIND = "utility_audit"
+KIND = layout.UTILITY_KIND
 SCHEMA_VERSION = 1
-HEADER = "utility.json"
-ROC = "roc.json"
+HEADER = layout.UTILITY_HEADER
+ROC = layout.UTILITY_ROC
 SYNTHETIC_SPLIT = "synthetic"
 JOB_KIND = "utility_job"
 JOB_SCHEMA_VERSION = 1

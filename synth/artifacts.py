@@ -33,10 +33,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def content_hash(root: Path, files: list[str]) -> str:
     """Hash of an artifact's payload: the sorted (relative path, file sha256) pairs."""
     h = hashlib.sha256()

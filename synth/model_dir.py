@@ -5,7 +5,8 @@
     scheduler/scheduler_config.json                    the DDPMScheduler it was trained with (samplers derive from it)
     unet_ema/config.json, unet_ema/diffusion_pytorch_model.safetensors   the EMA weights (the ones to sample from)
     privacy_ledger.json                                DP runs only: the privacy strategy's `ledger()`
-    model_card.json                                    artifact header, kind "model" (see `write_model_dir`)
+    model_card.json                                    artifact header, kind "model" (see `write_model_dir`);
+                                                       schema and reader in `synth.model_card`
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from synth import layout
 from synth.artifacts import atomic_dir, write_header, write_json
 from synth.conditioning import ConditionSpace
 from synth.model import ModelConfig
 
-MODEL_CARD = "model_card.json"
-KIND = "model"
+MODEL_CARD = layout.MODEL_CARD
+KIND = layout.MODEL_KIND
 SCHEMA_VERSION = 1
-LEDGER = "privacy_ledger.json"
-EMA_DIR = "unet_ema"
+LEDGER = layout.PRIVACY_LEDGER
+EMA_DIR = layout.EMA_DIR
 
 
 def payload_files(root: Path) -> list[str]:
@@ -32,7 +34,12 @@ def payload_files(root: Path) -> list[str]:
 
 
 def privacy_summary(*, epsilon: float, ledger: Mapping[str, Any], noise_multiplicity: int) -> dict[str, Any]:
-    """The model card's `privacy` entry: ε, δ, K and what they mean, in plain words."""
+    """The model card's `privacy` entry: ε, δ, K and what they mean, in plain words.
+
+    One ε: the card states the ledger's ε when the ledger records one (`epsilon` is the fallback), so the number
+    people read is the number the ledger check recomputes; the gate blocks a card that disagrees with its ledger.
+    """
+    epsilon = float(ledger.get("epsilon", epsilon))
     delta = ledger.get("delta")
     accountant = ledger.get("accountant")
     clip = ledger.get("max_grad_norm")

@@ -24,7 +24,8 @@ from diffusers import DiffusionPipeline, UNet2DModel
 
 from synth.device import resolve_device
 from synth.errors import ConfigError, InputError, where
-from synth.model_dir import EMA_DIR, KIND, MODEL_CARD
+from synth.layout import EMA_DIR
+from synth.model_card import read_model_card as read_model_card  # re-exported: callers load pipeline and card together
 from synth.sampling import SamplerConfig, resolve_sampler
 
 Weights = Literal["ema", "raw"]
@@ -155,18 +156,6 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         if output_type == "pt":
             return x.clamp(-1, 1)
         return to_uint8(x)
-
-
-def read_model_card(model_dir: Path) -> dict[str, Any]:
-    """The model card header of a model directory (InputError when `model_dir` is not a synthgate model)."""
-    from synth.artifacts import read_header
-
-    model_dir = Path(model_dir)
-    card = read_header(model_dir, MODEL_CARD, kind=KIND)
-    for part in ("model_index.json", "unet", "scheduler"):
-        if not (model_dir / part).exists():
-            raise InputError(where(model_dir, f"is not a complete model directory (no {part})"))
-    return card
 
 
 @contextlib.contextmanager

@@ -399,7 +399,7 @@ def test_prefect_summary_leads_with_balanced_accuracy_and_the_floor(heldout_audi
 
 
 def test_report_summary_leads_with_balanced_accuracy_and_the_worst_class(heldout_audit: dict) -> None:
-    from reports.report import _utility_key_numbers
+    from reports.report_numbers import _utility_key_numbers
 
     keys = _utility_key_numbers(heldout_audit)
     order = [k.key for k in keys]

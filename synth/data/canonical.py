@@ -16,14 +16,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synth import layout
 from synth.artifacts import atomic_dir, read_header, verify_content, write_header
 from synth.errors import InputError, where
 
 KIND = "dataset"
 SCHEMA_VERSION = 1
-HEADER = "dataset.json"
+HEADER = layout.DATASET_HEADER
 IMAGES = "images.npy"
-METADATA = "metadata.parquet"
+METADATA = layout.DATASET_METADATA
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_ORDER = {name: i for i, name in enumerate((*SPLITS, "synthetic"))}
 REQUIRED_COLUMNS = ("image_id", "split", "label", "sha256")

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from synth import layout
 from synth.artifacts import atomic_dir, content_hash, read_header, write_header
 from synth.data import expectations as gxs
 from synth.data.canonical import image_spec, load_dataset, pixel_sha256, split_counts
@@ -32,7 +33,7 @@ from synth.errors import ConfigError, InputError, ValidationFailed, where
 
 KIND = "validation"
 SCHEMA_VERSION = 1
-REPORT = "report.json"
+REPORT = layout.VALIDATION_REPORT
 DOCS = "data_docs"
 DEFAULT_OUT = "validation"
 _CHUNK = 4096  # images per pixel-check chunk: bounded memory whatever the dataset size
