@@ -69,6 +69,16 @@ class Release:
     manifest: dict[str, Any] = field(repr=False)
     signing_files: dict[str, tuple[int, str]] = field(repr=False)
 
+    def approved_by(self) -> str:
+        """Who approved the release, as its signed predicate records it: 'reviewer NAME', 'automatic (no human
+        review)', or 'not recorded' (an older or hand-made bundle). Never assumed to be a human."""
+        if self.approval.get("auto_approved") is True:
+            return "automatic (no human review)"
+        reviewer = _str(self.approval.get("reviewer"))
+        if self.approval.get("auto_approved") is False and reviewer:
+            return f"reviewer {reviewer}"
+        return "not recorded"
+
     def listing(self) -> dict[str, Any]:
         """The fields of the index (page and `/api/releases`)."""
         return {
@@ -76,6 +86,7 @@ class Release:
             "epsilon": self.epsilon, "delta": self.delta, "license": self.license,
             "class_counts": self.class_counts, "images": sum(self.class_counts.values()),
             "files": self.files, "bytes": self.bytes, "fingerprint": self.fingerprint,
+            "approved_by": self.approved_by(),
         }
 
     def detail(self) -> dict[str, Any]:
