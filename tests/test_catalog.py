@@ -527,3 +527,13 @@ def test_approval_without_a_recorded_decision_is_not_called_human():
     assert release({"reviewer": "someone"}).approved_by() == "not recorded"  # auto_approved missing: unknown
     assert release(AUTO).approved_by() == "automatic (no human review)"
     assert release(HUMAN).approved_by() == "reviewer dr <who>"
+
+
+def test_static_index_shows_each_approval_as_recorded(env):
+    """`publish` writes index.json / index.html beside the bundles: the approval column is as signed."""
+    index = json.loads((env["releases"] / "index.json").read_text())
+    by_id = {r["release_id"]: r["approved_by"] for r in index["releases"]}
+    assert by_id["r-1"] == "reviewer dr <who>" and by_id["r-2"] == "automatic (no human review)"
+    html = (env["releases"] / "index.html").read_text()
+    assert "approved by a data steward" not in html
+    assert "reviewer dr &lt;who&gt;" in html and "automatic (no human review)" in html

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from flows.publish import check_release_id
+from flows.publish import approval_label, check_release_id
 from flows.signing import verify_bundle
 from synth.errors import InputError, IntegrityError
 
@@ -70,14 +70,8 @@ class Release:
     signing_files: dict[str, tuple[int, str]] = field(repr=False)
 
     def approved_by(self) -> str:
-        """Who approved the release, as its signed predicate records it: 'reviewer NAME', 'automatic (no human
-        review)', or 'not recorded' (an older or hand-made bundle). Never assumed to be a human."""
-        if self.approval.get("auto_approved") is True:
-            return "automatic (no human review)"
-        reviewer = _str(self.approval.get("reviewer"))
-        if self.approval.get("auto_approved") is False and reviewer:
-            return f"reviewer {reviewer}"
-        return "not recorded"
+        """Who approved the release, as signed (see `approval_label`)."""
+        return approval_label(self.approval)
 
     def listing(self) -> dict[str, Any]:
         """The fields of the index (page and `/api/releases`)."""
