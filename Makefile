@@ -11,10 +11,14 @@ export DO_NOT_TRACK ?= 1
 .PHONY: setup test demo lint clean
 
 # Reinstall only when the project's requirements change: quick when already installed.
+# pip's own output (resolver, build backend) goes to $(VENV)/install.log; the screen shows one line, or the log's
+# tail when the install fails.
+PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet --quiet
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@echo "installing synthgate and its dependencies into $(VENV) (the first time takes several minutes; log: $(VENV)/install.log)"
+	@{ $(PIP) install --upgrade pip && $(PIP) install -e '.[dev]'; } > $(VENV)/install.log 2>&1 \
+		|| { tail -n 30 $(VENV)/install.log; echo "install failed: see $(VENV)/install.log"; exit 1; }
 	@touch $(STAMP)
 
 setup: $(STAMP)
@@ -26,13 +30,16 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# The whole release flow on PneumoniaMNIST with the defaults of ReleaseConfig (CPU demo settings) and
-# auto-approval. Stage artifacts in $(DEMO_OUT)/work are cached by content hash, so a rerun reuses them.
+# The whole release flow on PneumoniaMNIST with examples/release.yaml (CPU demo settings, the example publisher
+# and contact) and auto-approval. Stage artifacts in $(DEMO_OUT)/work are cached by content hash, so a rerun
+# reuses them.
+DEMO_CONFIG ?= examples/release.yaml
 demo: setup
 	@mkdir -p $(DEMO_OUT)
 	@test -f $(DEMO_OUT)/keys/release.key || $(BIN)/synthgate keys generate --out $(DEMO_OUT)/keys
 	@rm -rf $(DEMO_OUT)/releases
-	$(BIN)/synthgate release --auto-approve
+	$(BIN)/synthgate release --config $(DEMO_CONFIG) --auto-approve --workdir $(DEMO_OUT)/work \
+		--releases-dir $(DEMO_OUT)/releases --key $(DEMO_OUT)/keys/release.key
 	@echo
 	@echo "Serve the release to researchers (token-gated downloads, on loopback):"
 	@echo "  $(BIN)/synthgate tokens create --releases $(DEMO_OUT)/releases --name alice --expires 30d"

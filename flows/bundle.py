@@ -196,7 +196,8 @@ def write_bundle_content(
     _check_target(root)
     real = set(real_pixel_hashes or ())
     written = _write_data(root, Path(synthetic_dir), facts, real)
-    (root / README).write_text(render_dataset_card(facts), encoding="utf-8", newline="\n")
+    data_bytes = sum((root / p).stat().st_size for p in written if p.startswith(f"{SPLIT_DIR}/") and p.endswith(".png"))
+    (root / README).write_text(render_dataset_card(facts, data_bytes=data_bytes), encoding="utf-8", newline="\n")
     (root / DATASHEET).write_text(render_datasheet(facts), encoding="utf-8", newline="\n")
     write_croissant(root / CROISSANT, build_croissant(facts, root / "data", root=root))
     written += [README, DATASHEET, CROISSANT]

@@ -22,7 +22,8 @@ app = typer.Typer(
     help="Release synthetic medical images safely: ingest, validate, train, generate, audit, release, verify.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    # --install-completion / --show-completion (bash, zsh, fish, PowerShell): see the README.
+    add_completion=True,
 )
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -37,18 +38,47 @@ _COMMAND_MODULES = (
     "flows.cli_release",
     "flows.cli_flow",
     "flows.cli_catalog",
+    "flows.cli_releases",
 )
+
+
+def version() -> str:
+    """The installed synthgate version (the package metadata; pyproject.toml when run from a source tree)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("synthgate")
+    except PackageNotFoundError:  # a source checkout that was never installed
+        import tomllib
+        from pathlib import Path
+
+        with (Path(__file__).resolve().parents[1] / "pyproject.toml").open("rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"synthgate {version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(False, "--version", help="Print the version and exit.",
+                                      callback=_show_version, is_eager=True),
+) -> None:
+    """Release synthetic medical images safely: ingest, validate, train, generate, audit, release, verify."""
 
 
 def _register() -> None:
     # Each group of commands lives in its own module with a `register(app)`; importing one is cheap (heavy
-    # libraries are imported inside the commands).
+    # libraries are imported inside the commands). A module that is missing is a packaging bug: fail loudly
+    # rather than ship a CLI that silently lacks commands.
     import importlib
-    import importlib.util
 
     for name in _COMMAND_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).register(app)
+        importlib.import_module(name).register(app)
 
 
 _register()
@@ -72,6 +102,8 @@ def run(argv: list[str] | None = None) -> int:
     except typer.TyperException as e:  # usage errors: bad option, missing argument (typer vendors click)
         e.show()
         return int(getattr(e, "exit_code", 2))
+    except SystemExit as e:  # shell completion (--show-completion, <TAB>) exits from inside click
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return result if isinstance(result, int) else 0
 
 

@@ -183,6 +183,22 @@ def release_pipeline(cfg: ReleaseConfig) -> AuditedRun:
     return AuditedRun(synthetic=synthetic, report=report, verdict=verdict, **run)
 
 
+def route_progress() -> None:
+    """Stage progress (`synth.progress`: training steps, generated images, encoder steps, stage starts and ends)
+    into this run's Prefect logs and onto stderr. Threads of the thread-pool runner inherit the run context, so
+    their lines reach the API under their task runs."""
+    import logging
+
+    from prefect.logging.handlers import APILogHandler
+
+    from synth.progress import LOGGER, log_to_stderr
+
+    log_to_stderr()
+    target = logging.getLogger(LOGGER)
+    if not any(isinstance(h, APILogHandler) for h in target.handlers):
+        target.addHandler(APILogHandler())
+
+
 def _summary_markdown(release_id: str, verdict: Verdict, report: Path, utility_dir: Path) -> str:
     rows = "\n".join(f"| {'✅' if c.passed else '❌'} | {c.rule} | {c.message} |" for c in verdict.checks)
     return (
@@ -197,6 +213,7 @@ def _summary_markdown(release_id: str, verdict: Verdict, report: Path, utility_d
 def release(config: ReleaseConfig) -> ReleaseResult:
     """Turn a real image set into a signed, documented synthetic release, or a blocked run with every reason."""
     log = get_run_logger()
+    route_progress()
     cfg = stages.with_absolute_paths(config)
     check_release_config(cfg)  # runs started from the UI too: nothing runs on a config that cannot be released
     log.info("task runner: %s", runners.describe(cfg.runner))

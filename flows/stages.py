@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from synth import layout
 from synth.artifacts import atomic_file, read_header
 from synth.config import build
 from synth.errors import ConfigError, InputError, PolicyBlocked, where
+from synth.progress import phase
 
 if TYPE_CHECKING:
     from reports.facts import ApprovalFacts, ReleaseFacts
@@ -81,12 +83,18 @@ def run_stage(
         if recorded.get("key") == key:
             if on_cached:
                 on_cached(name, out)
+            phase(name, "reused (same inputs and config)")
             return out
     for stale in (out, *extra_outputs):
         if stale.exists():
             shutil.rmtree(stale)
     stamp.unlink(missing_ok=True)
+    # Every stage says when it starts and ends (Prefect logs, and stderr without a terminal): audit phases
+    # without countable units are otherwise silent.
+    phase(name, "started")
+    started = time.monotonic()
     result = Path(build(out))
+    phase(name, f"done in {time.monotonic() - started:.0f} s")
     stamp.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(stamp) as tmp:
         tmp.write_text(json.dumps({"stage": name, "key": key, "inputs": dict(inputs)}, indent=2, sort_keys=True))
@@ -193,10 +201,10 @@ def train_stage(cfg: ReleaseConfig, dataset: Path) -> Path:
 
 
 def _interactive() -> bool:
-    """Progress bars only for a person at a terminal (not in CI logs or Prefect workers)."""
-    import sys
-
-    return sys.stderr.isatty()
+    """No tqdm bars inside the flow: tasks run concurrently (the privacy reference trains beside the generator) and
+    their bars would garble each other. Their progress is logged instead (`synth.progress`: throttled lines that
+    `flows.release` routes to stderr and to the run's Prefect logs)."""
+    return False
 
 
 def _dp_config(cfg: ReleaseConfig) -> Any:

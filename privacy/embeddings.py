@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from synth.artifacts import atomic_dir, read_header, verify_content, write_header
 from synth.errors import ConfigError, InputError, where
+from synth.progress import Progress
 
 ENCODER_KIND = "embedding_encoder"
 ENCODER_SCHEMA_VERSION = 1
@@ -330,6 +331,8 @@ def _train(images: np.ndarray, config: EncoderConfig, *, data_hash: str, log_eve
     net.train()
     start = time.perf_counter()
     losses: list[float] = []
+    # Log lines only (no bar): it trains beside the generator, whose bar owns the terminal.
+    progress = Progress("privacy reference: copy-detection encoder", total=config.steps, unit="step", bar=False)
     for step in range(1, config.steps + 1):
         idx = torch.randperm(len(data), generator=gen)[:batch]
         x = data[idx]
@@ -343,6 +346,8 @@ def _train(images: np.ndarray, config: EncoderConfig, *, data_hash: str, log_eve
         losses.append(float(loss.detach()))
         if log_every and step % log_every == 0:
             print(f"encoder step {step}/{config.steps} loss {np.mean(losses[-log_every:]):.4f}", flush=True)
+        progress.update(1, loss=f"{np.mean(losses[-20:]):.4f}")
+    progress.close()
     meta = {
         "image": {"height": int(images.shape[1]), "width": int(images.shape[2]), "channels": channels},
         "trained_on": {"data_hash": data_hash, "images": len(images)},

@@ -224,8 +224,10 @@ def card_features(facts: ReleaseFacts) -> list[dict[str, Any]]:
     return feats
 
 
-def card_header(facts: ReleaseFacts) -> dict[str, Any]:
-    """The YAML front matter of the card as a dict."""
+def card_header(facts: ReleaseFacts, data_bytes: int | None = None) -> dict[str, Any]:
+    """The YAML front matter of the card as a dict. `data_bytes`: the size of the split's image files; `datasets`
+    reads `dataset_info.splits` only with name, num_examples and num_bytes all present (it warns the YAML is
+    malformed otherwise), so the splits are declared only when the size is known."""
     lic = facts.release_license
     header: dict[str, Any] = {"license": hf_license(lic)}
     if header["license"] == "other":
@@ -253,12 +255,12 @@ def card_header(facts: ReleaseFacts) -> dict[str, Any]:
                     "default": True,
                 }
             ],
-            "dataset_info": {
-                "features": features,
-                "splits": [{"name": SPLIT, "num_examples": facts.synthetic.total}],
-            },
+            "dataset_info": {"features": features},
         }
     )
+    if data_bytes is not None:
+        header["dataset_info"]["splits"] = [{"name": SPLIT, "num_bytes": int(data_bytes),
+                                             "num_examples": facts.synthetic.total}]
     return header
 
 
@@ -350,10 +352,11 @@ class _NoAliasDumper(yaml.SafeDumper):
         return True
 
 
-def render_dataset_card(facts: ReleaseFacts) -> str:
-    """The bundle's README.md: YAML header (Hugging Face card metadata) + human-readable card."""
+def render_dataset_card(facts: ReleaseFacts, *, data_bytes: int | None = None) -> str:
+    """The bundle's README.md: YAML header (Hugging Face card metadata) + human-readable card. `data_bytes`: see
+    `card_header`."""
     header = yaml.dump(
-        card_header(facts), Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True, width=1000
+        card_header(facts, data_bytes), Dumper=_NoAliasDumper, sort_keys=False, allow_unicode=True, width=1000
     )
     body = markdown_env().get_template("dataset_card.md.j2").render(**template_context(facts))
     return f"---\n{header}---\n\n{body}"

@@ -305,9 +305,9 @@ def generate(
     attribute values (attribute-conditioned models), condition, seed, sampler, steps and guidance scale.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from synth.pipeline import load_pipeline, read_model_card
+    from synth.progress import Progress
 
     model_dir, out = Path(model_dir), Path(out)
     if out.exists():
@@ -328,7 +328,8 @@ def generate(
     spec = pipe.unet.config
     shape = (spec.sample_size, spec.sample_size) + ((spec.in_channels,) if spec.in_channels > 1 else ())
     images = np.empty((len(mine), *shape), dtype=np.uint8)
-    with tqdm(total=len(mine), disable=not progress, desc=f"generate {cfg.label}", unit="img") as bar:
+    shard = f" shard {shard_index + 1}/{shard_count}" if shard_count > 1 else ""
+    with Progress(f"generate {cfg.label}{shard}", total=len(mine), unit="image", bar=progress) as bar:
         for start in range(0, len(mine), batch):
             idx = mine[start : start + batch]
             gens = [torch.Generator().manual_seed(int(plan.seeds[i])) for i in idx]

@@ -669,7 +669,7 @@ def _train(
             },
         )
 
-    bar = _progress_bar(progress and world.main, total=planned, initial=state.step, private=privacy is not None)
+    bar = _progress_bar(world.main, show_bar=progress, total=planned, initial=state.step, private=privacy is not None)
     say = (lambda message: _say(bar, message)) if world.main else (lambda message: None)
     amp = autocast(device)
     signals = _Signals()
@@ -883,29 +883,26 @@ def _check_resumable(
         raise ConfigError(where(ckpt_dir, f"checkpoint was made with another config ({shown}); cannot resume"))
 
 
-def _progress_bar(enabled: bool, *, total: int | None, initial: int, private: bool) -> Any:
+def _progress_bar(enabled: bool, *, show_bar: bool, total: int | None, initial: int, private: bool) -> Any:
+    # Throttled log lines always (the release flow shows them in Prefect's logs); the tqdm bar when asked.
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from synth.progress import Progress
 
-    return tqdm(total=total, initial=initial, unit="step", desc="train (DP)" if private else "train",
-                dynamic_ncols=True, file=sys.stderr)
+    return Progress("train (DP)" if private else "train", total=total, unit="step", bar=show_bar, initial=initial)
 
 
 def _update_bar(bar: Any, state: _State, eps: float | None) -> None:
     if bar is None:
         return
     recent = [x for x in state.losses[-20:] if not math.isnan(x)]
-    post = {"loss": f"{np.mean(recent):.4f}" if recent else "-", "epoch": state.epoch}
-    if eps is not None:
-        post["ε"] = f"{eps:.2f}"
-    bar.set_postfix(post, refresh=False)
-    bar.update(1)
+    bar.update(1, loss=f"{np.mean(recent):.4f}" if recent else "-", epoch=state.epoch,
+               **({"ε": f"{eps:.2f}"} if eps is not None else {}))
 
 
 def _say(bar: Any, message: str) -> None:
     # Always shown (even without a progress bar): it says where the work went and how to continue it.
     if bar is not None:
-        bar.write(message, file=sys.stderr)
+        bar.write(message)
     else:
         print(message, file=sys.stderr)

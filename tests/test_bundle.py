@@ -3,6 +3,7 @@ only synthetic pixels, report copy."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -137,7 +138,7 @@ def test_same_inputs_same_bundle_bytes(tmp_path):
         assert (roots[0] / rel).read_bytes() == (roots[1] / rel).read_bytes(), rel
 
 
-def test_datasets_imagefolder_loads_labels_and_class_names(bundle, hf_datasets):
+def test_datasets_imagefolder_loads_labels_and_class_names(bundle, hf_datasets, caplog):
     datasets, cache = hf_datasets
     root, _ = bundle
     table = _csv(root)
@@ -162,8 +163,18 @@ def test_datasets_imagefolder_loads_labels_and_class_names(bundle, hf_datasets):
     cast = plain.cast_column("label", datasets.ClassLabel(names=["normal", "pneumonia"]))
     assert cast.features["label"].int2str(1) == "pneumonia"
 
-    # 4. The bundle root as a dataset repository: the card's YAML configs + features are used.
-    repo = datasets.load_dataset(str(root), split="train", cache_dir=str(cache))
+    # 4. The bundle root as a dataset repository: the card's YAML configs + features are used, without a warning
+    # about the card (its `splits` need name, num_examples and num_bytes).
+    datasets.utils.logging.enable_propagation()  # `datasets` logs to its own, non-propagating logger
+    try:
+        with caplog.at_level(logging.WARNING, logger="datasets"):
+            repo = datasets.load_dataset(str(root), split="train", cache_dir=str(cache))
+    finally:
+        datasets.utils.logging.disable_propagation()
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("datasets")]
+    header = parse_card_header((root / "README.md").read_text())
+    png_bytes_total = sum(p.stat().st_size for p in (root / "data" / "train").rglob("*.png"))
+    assert header["dataset_info"]["splits"] == [{"name": "train", "num_bytes": png_bytes_total, "num_examples": 10}]
     assert repo.features["label"].names == ["normal", "pneumonia"]
     assert {r["image_id"]: r["label"] for r in repo} == labels
     assert set(repo.column_names) == {"image", "label", "image_id", "seed", "sex"}
@@ -304,3 +315,20 @@ def test_report_rejects_links_bad_names_and_real_figures(tmp_path, pneumonia_sli
         attempt("b3", leaky, real_pixel_hashes=set(real.metadata["sha256"]))
     shutil.rmtree(tmp_path / "b3")
     assert attempt("b3", leaky)  # without the real hashes the report is copied as given
+
+
+def test_card_names_publisher_and_contact_and_its_plain_loader_works(bundle):
+    """The card's table names the publisher and contact (the fixture's facts set both), and its no-library loading
+    snippet (csv + Pillow), run as printed, gives metadata.csv's labels."""
+    import re
+
+    root, _ = bundle
+    card = (root / "README.md").read_text()
+    assert "| Publisher | Demo Hospital Data Office |" in card and "| Contact | data-office@example.org |" in card
+    assert "from torchvision" not in card and "**not** tested" in card
+    snippet = re.search(r"```python\n(import csv\n.*?)```", card, re.S).group(1)
+    scope: dict = {}
+    exec(snippet.replace("path/to/BUNDLE", str(root)), scope)
+    table = _csv(root)
+    assert scope["labels"] == table["label"].tolist() and len(scope["images"]) == len(table)
+    assert scope["images"][0].size == (28, 28)

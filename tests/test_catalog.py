@@ -74,7 +74,13 @@ def serve(app, **config):
         sock.close()
 
 
-def _bundle(root, private, release_id, *, epsilon=None, png_bytes=20_000):
+# One human approval and one automatic one, as flows/approval.py records them.
+HUMAN = {"decision": "approved", "reviewer": "dr <who>", "auto_approved": False}
+AUTO = {"decision": "approved", "reviewer": None, "auto_approved": True,
+        "comment": "auto-approved (--auto-approve): no human review"}
+
+
+def _bundle(root, private, release_id, *, epsilon=None, png_bytes=20_000, approval=HUMAN):
     rng = hashlib.sha256(release_id.encode()).digest()
     for label, cls in enumerate(["normal", "pneumonia"]):
         d = root / "data" / "train" / f"{label:02d}_{cls}"
@@ -96,19 +102,20 @@ def _bundle(root, private, release_id, *, epsilon=None, png_bytes=20_000):
     sign_bundle(root, private, predicate={
         "release_id": release_id, "summary": "<b>synthetic</b> chest x-rays", "privacy": privacy,
         "synthetic": {"images": 7}, "created": "2026-11-25T00:00:00+00:00",
-        "approval": {"decision": "approved", "reviewer": "dr <who>", "auto_approved": False}})
+        "approval": approval})
     return root
 
 
 def publish_releases(base, specs):
-    """A fresh key pair under `base/keys` and one signed release per (id, ε, PNG bytes), published to
+    """A fresh key pair under `base/keys` and one signed release per (id, ε, PNG bytes[, approval]), published to
     `base/releases`. Returns (releases dir, public key, public key path)."""
     private_path, public_path = generate_keys(base / "keys")
     private, public = load_private_key(private_path), load_public_key(public_path)
     releases = base / "releases"
-    for rid, eps, size in specs:
-        publish(_bundle(base / "work" / rid, private, rid, epsilon=eps, png_bytes=size), releases, public,
-                release_id=rid)
+    for rid, eps, size, *approval in specs:
+        bundle = _bundle(base / "work" / rid, private, rid, epsilon=eps, png_bytes=size,
+                         approval=(approval or [HUMAN])[0])
+        publish(bundle, releases, public, release_id=rid)
     return releases, public, public_path
 
 
@@ -116,7 +123,7 @@ def publish_releases(base, specs):
 def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("catalog")
     releases, public, public_path = publish_releases(base, [
-        ("r-1", 8.0, 20_000), ("r-2", None, 20_000), ("r-big", None, 3_000_000),
+        ("r-1", 8.0, 20_000), ("r-2", None, 20_000, AUTO), ("r-big", None, 3_000_000),
         ("r-tamper", None, 20_000), ("r-tamper-2", None, 20_000)])
     os.symlink(releases / "r-1", releases / "r-link")  # a symlinked release dir must not be served
     app = create_app(releases, [public])
@@ -144,6 +151,8 @@ def test_pages_and_api_render_escaped(env):
     assert "r-link" not in html
     assert "ε = 8, δ = 1.0e-05" in html and "no DP" in html and "cc-by-4.0" in html and "pneumonia: 4" in html
     assert "&lt;b&gt;synthetic&lt;/b&gt;" in html and "<b>synthetic" not in html
+    assert "approved by a data steward" not in html  # not every release was
+
 
     page = httpx.get(url + "/releases/r-1").text
     assert env["fp"] in page and "synthgate verify r-1 --key release.pub" in page
@@ -164,6 +173,7 @@ def test_pages_and_api_render_escaped(env):
     assert r1["class_counts"] == {"normal": 3, "pneumonia": 4} and r1["epsilon"] == 8.0
     assert r1["fingerprint"] == env["fp"]
     detail = httpx.get(url + "/api/releases/r-1").json()
+    assert detail["approved_by"] == "reviewer dr <who>"
     assert detail["license"] == "cc-by-4.0" and detail["audit"]["verdict"]["decision"] == "pass"
     assert detail["terms_sha256"] == hashlib.sha256(detail["terms"].encode()).hexdigest()
     spec = httpx.get(url + "/openapi.json").json()
@@ -491,3 +501,39 @@ def test_refusals_are_throttled_per_client(env, tmp_path):
     assert t.retry_after("b") == 0
     clock[0] = 10.5
     assert t.retry_after("a") == 0
+
+
+def test_index_shows_each_approval_as_recorded(env):
+    """A human approval names its reviewer; an automatic one says nobody reviewed it; an unrecorded one says so."""
+    rows = {r.split("</a>")[0]: r for r in httpx.get(env["url"] + "/").text.split('<tr><td><a href="/releases/')[1:]}
+    assert "reviewer dr &lt;who&gt;" in rows['r-1">r-1'] and "automatic" not in rows['r-1">r-1']
+    assert "automatic (no human review)" in rows['r-2">r-2'] and "reviewer" not in rows['r-2">r-2']
+    by_id = {r["release_id"]: r["approved_by"] for r in httpx.get(env["url"] + "/api/releases").json()["releases"]}
+    assert by_id["r-1"] == "reviewer dr <who>" and by_id["r-2"] == "automatic (no human review)"
+
+
+def test_approval_without_a_recorded_decision_is_not_called_human():
+    from pathlib import Path
+
+    from flows.catalog.releases import Release
+
+    def release(approval):
+        return Release(release_id="x", root=Path("."), fingerprint="f", files=0, bytes=0, created=None, summary="",
+                       epsilon=None, delta=None, accountant=None, license=None, title=None, class_counts={},
+                       approval=approval, key_numbers=[], verdict={}, card="", datasheet="", terms="",
+                       terms_sha256="", manifest={}, signing_files={})
+
+    assert release({}).approved_by() == "not recorded"
+    assert release({"reviewer": "someone"}).approved_by() == "not recorded"  # auto_approved missing: unknown
+    assert release(AUTO).approved_by() == "automatic (no human review)"
+    assert release(HUMAN).approved_by() == "reviewer dr <who>"
+
+
+def test_static_index_shows_each_approval_as_recorded(env):
+    """`publish` writes index.json / index.html beside the bundles: the approval column is as signed."""
+    index = json.loads((env["releases"] / "index.json").read_text())
+    by_id = {r["release_id"]: r["approved_by"] for r in index["releases"]}
+    assert by_id["r-1"] == "reviewer dr <who>" and by_id["r-2"] == "automatic (no human review)"
+    html = (env["releases"] / "index.html").read_text()
+    assert "approved by a data steward" not in html
+    assert "reviewer dr &lt;who&gt;" in html and "automatic (no human review)" in html

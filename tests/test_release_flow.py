@@ -212,6 +212,15 @@ def _run_paused_release(cfg, decision):
         run_id = runs[0].id if runs else None
         time.sleep(1)
     assert run_id is not None, "the release flow never paused for approval"
+    # What the Prefect UI shows beside the form: the shell command for this very run, and the key numbers.
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    key = ArtifactFilter(key=ArtifactFilterKey(any_=["approval-request"]))
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=key)
+    shown = [a.data for a in artifacts if a.flow_run_id == run_id]
+    assert shown and f"synthgate approve {run_id} --reviewer" in shown[0]
+    assert "Membership inference AUC" in shown[0] and "balanced-accuracy ratio" in shown[0]
     resume_flow_run(run_id, run_input=decision)
     thread.join(240)
     return out["result"]

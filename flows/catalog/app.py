@@ -92,48 +92,62 @@ def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25
     store = Store(Path(db_path) if db_path else Path(releases_dir) / DB_NAME)
     # Verify everything once at start: failures are logged now, and the first page view is served from the cache.
     log.info("catalog of %s: %d intact release(s)", releases_dir, len(catalog.all()))
-    env = environment()
     # No Swagger/ReDoc pages: they load scripts from a public CDN, which a hospital network may not reach and the
     # pages' Content-Security-Policy forbids; the schema itself is at /openapi.json.
     app = FastAPI(title="synthgate release catalog", version="1", docs_url=None, redoc_url=None,
                   description="Signed synthetic image releases: browse freely; download with a token after "
                               "accepting a release's terms.")
     app.state.catalog, app.state.store = catalog, store
-    throttle = RefusalThrottle(limit=max_refusals_per_minute, window_s=60.0)
-    # auto_error=False: a missing or malformed header is refused (and logged) by `authorize`, not by FastAPI.
-    bearer = HTTPBearer(auto_error=False, description="An access token from `synthgate tokens create`.")
+    access = _Access(store, RefusalThrottle(limit=max_refusals_per_minute, window_s=60.0))
+    _add_pages(app, catalog)
+    _add_api(app, catalog)
+    _add_token_routes(app, catalog, store, access)
+    return app
 
-    def release_or_404(release_id: str) -> Release:
-        release = catalog.get(release_id)
-        if release is None:
-            raise HTTPException(404, "no such release")
-        return release
 
-    def refuse(request: Request, status: int, reason: str, token: Token | None = None) -> HTTPException:
+def _release_or_404(catalog: ReleaseCatalog, release_id: str) -> Release:
+    release = catalog.get(release_id)
+    if release is None:
+        raise HTTPException(404, "no such release")
+    return release
+
+
+class _Access:
+    """Token checks of the gated routes: every refusal is recorded, logged and counted by the throttle."""
+
+    def __init__(self, store: Store, throttle: RefusalThrottle) -> None:
+        self.store, self.throttle = store, throttle
+
+    def refuse(self, request: Request, status: int, reason: str, token: Token | None = None) -> HTTPException:
         client = request.client.host if request.client else None
-        if throttle.record(client or "?"):
-            log.warning("client %s throttled: %d refused requests within %.0f s", client, throttle.limit,
-                        throttle.window_s)
-        store.log_refusal(status, reason, request.url.path, token_id=token.id if token else None, client=client)
+        if self.throttle.record(client or "?"):
+            log.warning("client %s throttled: %d refused requests within %.0f s", client, self.throttle.limit,
+                        self.throttle.window_s)
+        self.store.log_refusal(status, reason, request.url.path, token_id=token.id if token else None, client=client)
         log.warning("refused %s %s: %s (%s)", request.method, request.url.path, reason,
                     f"token {token.id}" if token else "no known token")
         headers = {"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{reason}"'} \
             if status == 401 else None
         return HTTPException(status, reason, headers=headers)
 
-    def authorize(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Token:
-        wait = throttle.retry_after(request.client.host if request.client else "?")
+    def authorize(self, request: Request, credentials: HTTPAuthorizationCredentials | None) -> Token:
+        wait = self.throttle.retry_after(request.client.host if request.client else "?")
         if wait:  # not logged per request: that is what the throttle protects
             raise HTTPException(429, "too many refused requests; retry later", headers={"Retry-After": str(wait)})
         if credentials is None or not credentials.credentials.strip():
-            raise refuse(request, 401, "missing bearer token")
-        token = store.find_token(credentials.credentials.strip())
+            raise self.refuse(request, 401, "missing bearer token")
+        token = self.store.find_token(credentials.credentials.strip())
         if token is None:
-            raise refuse(request, 401, "unknown token")
+            raise self.refuse(request, 401, "unknown token")
         state = token.state()
         if state != "active":
-            raise refuse(request, 401, f"token {state}", token)
+            raise self.refuse(request, 401, f"token {state}", token)
         return token
+
+
+def _add_pages(app: FastAPI, catalog: ReleaseCatalog) -> None:
+    """The public HTML pages: index, release page, sandboxed audit report."""
+    env = environment()
 
     def page(name: str, **context: Any) -> HTMLResponse:
         return HTMLResponse(env.get_template(name).render(**context), headers=_HTML_HEADERS)
@@ -149,7 +163,7 @@ def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25
 
     @app.get("/releases/{release_id}", response_class=HTMLResponse, include_in_schema=False)
     def release_page(release_id: str, request: Request) -> HTMLResponse:
-        r = release_or_404(release_id)
+        r = _release_or_404(catalog, release_id)
         return page("release.html", r=r, base_url=str(request.base_url),
                     card_html=render_markdown(r.card), datasheet_html=render_markdown(r.datasheet))
 
@@ -157,7 +171,7 @@ def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25
     def report_page(release_id: str) -> Response:
         # The bundle's public audit report (no real pixels): served sandboxed (no scripts, no requests, images only
         # as data: URIs) and only when its bytes still match the manifest.
-        r = release_or_404(release_id)
+        r = _release_or_404(catalog, release_id)
         entry = next((f for f in r.manifest["files"] if f["path"] == _REPORT), None)
         data = (r.root / _REPORT).read_bytes() if entry is not None else b""
         if entry is None or hashlib.sha256(data).hexdigest() != entry["sha256"]:
@@ -166,6 +180,10 @@ def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25
             **_HTML_HEADERS, "Content-Security-Policy": "sandbox; default-src 'none'; img-src data:; "
                                                         "style-src 'unsafe-inline'"})
 
+
+def _add_api(app: FastAPI, catalog: ReleaseCatalog) -> None:
+    """The public JSON API: the index and one release's detail."""
+
     @app.get("/api/releases", summary="Intact releases")
     def list_releases() -> ReleaseList:
         return ReleaseList.model_validate({"releases": [r.listing() for r in catalog.all()]})
@@ -173,7 +191,13 @@ def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25
     @app.get("/api/releases/{release_id}", summary="One release: documents, audit summary, terms",
              responses={404: {"description": "no such release (or it failed verification)"}})
     def get_release(release_id: str) -> ReleaseDetail:
-        return ReleaseDetail.model_validate(release_or_404(release_id).detail())
+        return ReleaseDetail.model_validate(_release_or_404(catalog, release_id).detail())
+
+
+def _add_token_routes(app: FastAPI, catalog: ReleaseCatalog, store: Store, access: _Access) -> None:
+    """The token-gated routes: accept a release's terms, download a release."""
+    # auto_error=False: a missing or malformed header is refused (and logged) by `authorize`, not by FastAPI.
+    bearer = HTTPBearer(auto_error=False, description="An access token from `synthgate tokens create`.")
 
     @app.post("/api/releases/{release_id}/accept", summary="Accept a release's terms (Bearer token)",
               openapi_extra={"requestBody": {"required": False, "content": {
@@ -190,11 +214,11 @@ def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25
                      credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Acceptance:
         # No body parameter: FastAPI would read the whole body before any check. The release and the token are
         # checked first; only then is the body read, bounded in size and time.
-        r = await run_in_threadpool(release_or_404, release_id)
-        token = await run_in_threadpool(authorize, request, credentials)
+        r = await run_in_threadpool(_release_or_404, catalog, release_id)
+        token = await run_in_threadpool(access.authorize, request, credentials)
         body = await read_accept_body(request)
         if body is not None and body.terms_sha256 is not None and body.terms_sha256 != r.terms_sha256:
-            raise await run_in_threadpool(refuse, request, 409, "terms changed: read them again", token)
+            raise await run_in_threadpool(access.refuse, request, 409, "terms changed: read them again", token)
         accepted = await run_in_threadpool(store.accept, token.id, r.release_id, r.terms_sha256)
         log.info("token %s accepted the terms of %s", token.id, r.release_id)
         return Acceptance(release_id=r.release_id, token=token.name, terms_sha256=r.terms_sha256, accepted=accepted)
@@ -207,33 +231,36 @@ def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25
                         429: {"description": "too many refused requests from this client"}})
     def download(release_id: str, request: Request,
                  credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> StreamingResponse:
-        r = release_or_404(release_id)
-        token = authorize(request, credentials)
+        r = _release_or_404(catalog, release_id)
+        token = access.authorize(request, credentials)
         if not store.has_accepted(token.id, r.release_id, r.terms_sha256):
-            raise refuse(request, 403, "terms not accepted for this release", token)
-        members = bundle_members(r.root, r.release_id, r.manifest, r.signing_files)
-        size = archive_size(members)
-        started = now()
-        progress = {"sent": 0}
+            raise access.refuse(request, 403, "terms not accepted for this release", token)
+        return _download_response(store, r, token)
 
-        def stream() -> Generator[bytes, None, None]:
-            for chunk in iter_tar(members):
-                progress["sent"] += len(chunk)
-                yield chunk
 
-        def record() -> None:
-            sent = progress["sent"]
-            store.log_download(token.id, r.release_id, started, sent, sent == size)
-            log.info("download of %s by token %s: %d of %d bytes", r.release_id, token.id, sent, size)
+def _download_response(store: Store, r: Release, token: Token) -> StreamingResponse:
+    """The release as one tar stream; the download is recorded (bytes sent, complete or not) however it ends."""
+    members = bundle_members(r.root, r.release_id, r.manifest, r.signing_files)
+    size = archive_size(members)
+    started = now()
+    progress = {"sent": 0}
 
-        return _LoggedStream(stream(), record, media_type="application/x-tar", headers={
-            "Content-Length": str(size),
-            "Content-Disposition": f'attachment; filename="{r.release_id}.tar"',
-            "X-Release-Fingerprint": r.fingerprint,
-            "Cache-Control": "no-store",
-        })
+    def stream() -> Generator[bytes, None, None]:
+        for chunk in iter_tar(members):
+            progress["sent"] += len(chunk)
+            yield chunk
 
-    return app
+    def record() -> None:
+        sent = progress["sent"]
+        store.log_download(token.id, r.release_id, started, sent, sent == size)
+        log.info("download of %s by token %s: %d of %d bytes", r.release_id, token.id, sent, size)
+
+    return _LoggedStream(stream(), record, media_type="application/x-tar", headers={
+        "Content-Length": str(size),
+        "Content-Disposition": f'attachment; filename="{r.release_id}.tar"',
+        "X-Release-Fingerprint": r.fingerprint,
+        "Cache-Control": "no-store",
+    })
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES, timeout_s: float = BODY_TIMEOUT_S) -> bytes:

@@ -16,15 +16,15 @@ import json
 import logging
 import os
 import threading
-from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from flows.publish import check_release_id
+from flows.publish import approval_label, check_release_id
+from flows.release_info import class_counts
 from flows.signing import verify_bundle
 from synth.errors import InputError, IntegrityError
 
@@ -69,6 +69,10 @@ class Release:
     manifest: dict[str, Any] = field(repr=False)
     signing_files: dict[str, tuple[int, str]] = field(repr=False)
 
+    def approved_by(self) -> str:
+        """Who approved the release, as signed (see `approval_label`)."""
+        return approval_label(self.approval)
+
     def listing(self) -> dict[str, Any]:
         """The fields of the index (page and `/api/releases`)."""
         return {
@@ -76,6 +80,7 @@ class Release:
             "epsilon": self.epsilon, "delta": self.delta, "license": self.license,
             "class_counts": self.class_counts, "images": sum(self.class_counts.values()),
             "files": self.files, "bytes": self.bytes, "fingerprint": self.fingerprint,
+            "approved_by": self.approved_by(),
         }
 
     def detail(self) -> dict[str, Any]:
@@ -120,16 +125,6 @@ def _json_object(text: str) -> dict[str, Any]:
         return {}
 
 
-def _class_counts(manifest: dict[str, Any]) -> dict[str, int]:
-    # Count what is actually in the bundle: data/<split>/<NN>_<class>/<file>.png
-    counts: Counter[str] = Counter()
-    for f in manifest["files"]:
-        parts = PurePosixPath(f["path"]).parts
-        if len(parts) == 4 and parts[0] == "data" and parts[3].lower().endswith(".png"):
-            counts[parts[2].split("_", 1)[-1]] += 1
-    return dict(sorted(counts.items()))
-
-
 def _load(root: Path, release_id: str, public_keys: list[Ed25519PublicKey]) -> Release:
     error: IntegrityError | None = None
     for key in public_keys:
@@ -156,7 +151,7 @@ def _load(root: Path, release_id: str, public_keys: list[Ed25519PublicKey]) -> R
         bytes=verified.bytes, created=_str(pred.get("created")), summary=_str(pred.get("summary")) or "",
         epsilon=_num(privacy.get("epsilon")), delta=_num(privacy.get("delta")),
         accountant=_str(privacy.get("accountant")), license=_str(lic), title=_str(meta.get("pretty_name")),
-        class_counts=_class_counts(manifest), approval=_dict(pred.get("approval")),
+        class_counts=class_counts(manifest), approval=_dict(pred.get("approval")),
         key_numbers=[{k: _str(n.get(k)) for k in ("key", "label", "display", "status")}
                      for n in (key_numbers if isinstance(key_numbers, list) else []) if isinstance(n, dict)],
         verdict=_dict(summary.get("verdict")), card=card, datasheet=datasheet, terms=terms,

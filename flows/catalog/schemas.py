@@ -20,6 +20,8 @@ class ReleaseSummary(BaseModel):
     files: int
     bytes: int = Field(description="Total size of the data files (excluding manifest, provenance, signature).")
     fingerprint: str = Field(description="sha256 of the raw Ed25519 public key the bundle verified under.")
+    approved_by: str = Field(description="The approval as signed in the bundle: 'reviewer NAME', 'automatic (no "
+                                         "human review)' or 'not recorded'.")
 
 
 class ReleaseList(BaseModel):
