@@ -99,12 +99,25 @@ def signed_digests(path: Path, data: bytes, public_key: PublicKey) -> dict[str, 
         raise IntegrityError(where(path, "is malformed (need one signature over an in-toto payload)"))
     payload = _b64(path, envelope.get("payload"), "payload")
     signature = _b64(path, _obj(path, sigs[0], "signatures[0]").get("sig"), "signature")
+    # release.sig is not signed itself: every byte must be exactly what model_signing writes for these fields, so
+    # no byte of the bundle can change unnoticed and nothing unsigned rides along.
+    if data != _canonical(hint, envelope["payload"], sigs[0]["sig"]):
+        raise IntegrityError(where(path, "is not in the exact form model_signing writes (fields added, removed, "
+                                         "reordered or re-encoded)"))
     try:
         public_key.verify(signature, pae(PAYLOAD_TYPE, payload), ec.ECDSA(_CURVE_HASH[public_key.curve.key_size]()))
     except InvalidSignature:
         problem = f"signature is not valid for the given key (fingerprint {fp[:16]}…)"
         raise IntegrityError(where(path, problem)) from None
     return _statement_digests(path, _parse(path, payload))
+
+
+def _canonical(hint: str, payload: str, sig: str) -> bytes:
+    doc = {"mediaType": BUNDLE_MEDIA_TYPE,
+           "verificationMaterial": {"publicKey": {"hint": hint}, "tlogEntries": []},
+           "dsseEnvelope": {"payload": payload, "payloadType": PAYLOAD_TYPE,
+                            "signatures": [{"sig": sig, "keyid": ""}]}}
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _statement_digests(path: Path, statement: Any) -> dict[str, str]:

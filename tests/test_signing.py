@@ -76,7 +76,7 @@ def _flip_signature_byte(bundle):
     raw = bytearray(base64.b64decode(envelope["sig"]))
     raw[10] ^= 0x01
     envelope["sig"] = base64.b64encode(bytes(raw)).decode()
-    (bundle / SIGNATURE).write_text(json.dumps(sig))
+    (bundle / SIGNATURE).write_text(json.dumps(sig, separators=(",", ":")))
 
 
 def _edit(path, old, new):
@@ -153,7 +153,11 @@ def _rewrite_signature(bundle, change):
     """Apply `change` to the parsed release.sig and write it back (the signature itself is left as it was)."""
     sig = json.loads((bundle / SIGNATURE).read_text())
     change(sig)
-    (bundle / SIGNATURE).write_text(json.dumps(sig))
+    (bundle / SIGNATURE).write_text(_compact(sig))
+
+
+def _compact(sig):
+    return json.dumps(sig, separators=(",", ":"))  # as model_signing writes it
 
 
 def _envelope(change):
@@ -180,6 +184,9 @@ MALFORMED_SIGNATURES = {
     "payload replaced": lambda b: _rewrite_signature(b, _envelope(lambda e: e.update(
         payload=base64.b64encode(b'{"_type": "x"}').decode()))),
     "a directory": lambda b: ((b / SIGNATURE).unlink(), (b / SIGNATURE).mkdir()),
+    "reformatted": lambda b: (b / SIGNATURE).write_text(json.dumps(json.loads((b / SIGNATURE).read_text()))),
+    "unsigned field added": lambda b: _rewrite_signature(b, lambda s: s.update(note="trust me")),
+    "keyid set": lambda b: _rewrite_signature(b, _envelope(lambda e: e["signatures"][0].update(keyid="k"))),
 }
 
 
@@ -212,31 +219,42 @@ def _sign_statement(bundle, private_path, change):
     raw = load_private_key(private_path).sign(pae(PAYLOAD_TYPE, payload), ec.ECDSA(hashes.SHA256()))
     sig["dsseEnvelope"].update(payload=base64.b64encode(payload).decode(),
                                signatures=[{"sig": base64.b64encode(raw).decode(), "keyid": ""}])
-    (bundle / SIGNATURE).write_text(json.dumps(sig))
+    (bundle / SIGNATURE).write_text(_compact(sig))
 
 
 def _resource(statement, name):
     return next(r for r in statement["predicate"]["resources"] if r["name"] == name)
 
 
-ODD_STATEMENTS = {
-    "other predicate type": lambda s: s.update(predicateType="https://model_signing/Digests/v0.1"),
+def _drop(s, name):
+    """Leave `name` out of the signed resources, keeping the subject digest consistent with them."""
+    import hashlib
+
+    s["predicate"]["resources"] = [r for r in s["predicate"]["resources"] if r["name"] != name]
+    root = hashlib.sha256(b"".join(bytes.fromhex(r["digest"]) for r in s["predicate"]["resources"]))
+    s["subject"][0]["digest"]["sha256"] = root.hexdigest()
+
+
+ODD_STATEMENTS = {  # change, the message that must name the problem
+    "other predicate type": (lambda s: s.update(predicateType="https://model_signing/Digests/v0.1"),
+                             "does not sign an OpenSSF Model Signing v1.0 statement"),
     # a signer that ignored more paths would leave files unsigned
-    "more ignored paths": lambda s: s["predicate"]["serialization"].update(ignore_paths=["release.sig", "data"]),
-    "subject digest": lambda s: s["subject"][0]["digest"].update(sha256="0" * 64),
-    "path escape": lambda s: _resource(s, "README.md").update(name="../README.md"),
-    "other algorithm": lambda s: _resource(s, "README.md").update(algorithm="blake2"),
-    "resources not a list": lambda s: s["predicate"].update(resources={"a": 1}),
-    "file left out": lambda s: s["predicate"].update(resources=[
-        r for r in s["predicate"]["resources"] if r["name"] != "README.md"]),
+    "more ignored paths": (lambda s: s["predicate"]["serialization"].update(ignore_paths=["release.sig", "data"]),
+                           "other settings"),
+    "subject digest": (lambda s: s["subject"][0]["digest"].update(sha256="0" * 64), "subject digest"),
+    "path escape": (lambda s: _resource(s, "README.md").update(name="../README.md"), "malformed or repeated"),
+    "other algorithm": (lambda s: _resource(s, "README.md").update(algorithm="blake2"), "malformed or repeated"),
+    "resources not a list": (lambda s: s["predicate"].update(resources={"a": 1}), "no resource list"),
+    "manifest left out": (lambda s: _drop(s, MANIFEST), "does not sign manifest.json"),
 }
 
 
 @pytest.mark.parametrize("case", list(ODD_STATEMENTS))
 def test_validly_signed_odd_statements_are_refused(tmp_path, keys, case):
     bundle = _bundle(tmp_path, keys)
-    _sign_statement(bundle, keys[0], ODD_STATEMENTS[case])
-    with pytest.raises(IntegrityError, match=r"release\.sig"):
+    change, message = ODD_STATEMENTS[case]
+    _sign_statement(bundle, keys[0], change)
+    with pytest.raises(IntegrityError, match=message):
         verify_bundle(bundle, load_public_key(keys[1]))
 
 
