@@ -8,10 +8,11 @@ makes sense, but must never raise anything other than `IntegrityError`). Any oth
 would see. Mutation kinds:
 
     byte          flip, insert, delete bytes; truncate; append; in any file, signing files included
-    signature     the signature file's structure: keys removed, added, retyped; random JSON values (deeply nested
-                  lists, 5,000-digit numbers, NaN, unicode); raw garbage; re-encoded non-canonically
+    signature     release.sig's structure: keys removed, added, retyped; random JSON values (deeply nested
+                  lists, 5,000-digit numbers, NaN, unicode); raw garbage; re-encoded non-canonically; DSSE sig bytes
     files         add, remove, rename, replace by a directory, add an empty directory, add a symbolic link
     re-signed     manifest.json / provenance.json with a structural mutation, signed again with the right key
+                  (by model_signing, as `sign_bundle` does)
     tar           (second phase) bytes of the release tar mutated, then `unpack_and_verify`: IntegrityError or
                   InputError only
 
@@ -42,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.catalog.archive import bundle_members, iter_tar
 from flows.catalog.fetch import unpack_and_verify
-from flows.keys import generate_keys, load_private_key, load_public_key
-from flows.signing import MANIFEST, PROVENANCE, SIGNATURE, _payload, sign_bundle, verify_bundle
-from synth.artifacts import sha256_file
+from flows.keys import generate_keys, load_public_key
+from flows.model_signature import sign_directory
+from flows.signing import MANIFEST, PROVENANCE, SIGNATURE, sign_bundle, verify_bundle
 from synth.errors import InputError, IntegrityError
 
 RELEASE_ID = "r-fuzz"
@@ -160,16 +161,22 @@ def mutate_signature(rng: np.random.Generator, root: Path) -> None:
     if op == 0:  # raw garbage or extreme JSON instead of the file
         path.write_bytes(dumps_raw(random_json(rng), canonical=bool(rng.integers(0, 2))))
     elif op == 1:  # a structural change, written canonically (only the checks of the content can catch it)
-        path.write_bytes(dumps_raw(mutate_structure(rng, json.loads(path.read_text())), canonical=True))
+        path.write_bytes(_compact(mutate_structure(rng, json.loads(path.read_text()))))
     elif op == 2:  # the same fields, re-encoded another way
         sig = json.loads(path.read_text())
         path.write_bytes(json.dumps(sig, indent=int(rng.integers(0, 4)), sort_keys=bool(rng.integers(0, 2))).encode())
     else:  # the signature bytes themselves
         sig = json.loads(path.read_text())
-        raw = bytearray(base64.b64decode(sig["signature"]))
+        entry = sig["dsseEnvelope"]["signatures"][0]
+        raw = bytearray(base64.b64decode(entry["sig"]))
         raw[int(rng.integers(0, len(raw)))] ^= int(rng.integers(1, 256))
-        sig["signature"] = base64.b64encode(bytes(raw)).decode()
-        path.write_bytes(dumps_raw(sig, canonical=True))
+        entry["sig"] = base64.b64encode(bytes(raw)).decode()
+        path.write_bytes(_compact(sig))
+
+
+def _compact(value: Any) -> bytes:
+    """JSON as model_signing writes release.sig (compact), so only checks of the content can catch a change."""
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def mutate_files(rng: np.random.Generator, root: Path) -> None:
@@ -196,10 +203,7 @@ def resign(rng: np.random.Generator, root: Path, private: Any) -> None:
     name = MANIFEST if rng.random() < 0.5 else PROVENANCE
     (root / name).write_bytes(dumps_raw(mutate_structure(rng, json.loads((root / name).read_text())),
                                         canonical=bool(rng.integers(0, 2))))
-    signed = {MANIFEST: sha256_file(root / MANIFEST), PROVENANCE: sha256_file(root / PROVENANCE)}
-    sig = json.loads((root / SIGNATURE).read_text())
-    sig.update(signed=signed, signature=base64.b64encode(private.sign(_payload(signed))).decode())
-    (root / SIGNATURE).write_bytes(dumps_raw(sig, canonical=True))
+    sign_directory(root, private)
 
 
 def snapshot(root: Path) -> dict[str, bytes | str]:
@@ -277,7 +281,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bundle-fuzz-") as tmp:
         tmp_path = Path(tmp)
         private_path, public_path = generate_keys(tmp_path / "keys")
-        private, public = load_private_key(private_path), load_public_key(public_path)
+        private, public = private_path, load_public_key(public_path)
         original = build_bundle(tmp_path / "original", private)
         work = tmp_path / "work"
         work.mkdir()

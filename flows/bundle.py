@@ -9,7 +9,10 @@ set is refused unless every row is split 'synthetic' and its content hash is the
 provenance) name. With `real_pixel_hashes` (e.g. the source's `sha256` column) every PNG written, report figures
 included, is also checked not to reproduce a real image exactly.
 
-PNGs are deterministic: same pixels, same bytes (Pillow writes no time or text chunks unless asked; we pass none).
+PNGs are deterministic: same pixels and release id, same bytes (Pillow writes no time or text chunks unless asked).
+Each synthetic PNG carries one chunk: the XMP packet of `reports.synthetic_mark` (IPTC digital source type
+`trainedAlgorithmicMedia` and the release id), written before the files are hashed, so manifest, Croissant and
+release.sig cover the marked bytes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from reports.croissant import build_croissant, write_croissant
 from reports.dataset_card import render_dataset_card
 from reports.datasheet import render_datasheet
 from reports.facts import ReleaseFacts, check_synthetic_only, metadata_columns
+from reports.synthetic_mark import XMP_KEY, xmp_packet
 from synth.artifacts import write_json
 from synth.data.canonical import load_dataset, pixel_sha256
 from synth.errors import InputError, IntegrityError, PolicyBlocked, where
@@ -44,9 +48,10 @@ from synth.errors import InputError, IntegrityError, PolicyBlocked, where
 _SUMMARY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.json$")
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """Lossless, deterministic PNG of one uint8 H×W, H×W×1 or H×W×3 image (no metadata chunks)."""
-    from PIL import Image
+def png_bytes(image: np.ndarray, *, xmp: str | None = None) -> bytes:
+    """Lossless, deterministic PNG of one uint8 H×W, H×W×1 or H×W×3 image: no metadata chunks, except the XMP
+    packet `xmp` (an uncompressed iTXt `XML:com.adobe.xmp` chunk) when given."""
+    from PIL import Image, PngImagePlugin
 
     arr = np.ascontiguousarray(image)
     if arr.ndim == 3 and arr.shape[2] == 1:
@@ -54,7 +59,11 @@ def png_bytes(image: np.ndarray) -> bytes:
     if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
         raise InputError(f"cannot write a {arr.dtype} image of shape {arr.shape} as PNG (need uint8 H×W[×1|3|4])")
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=9)
+    info = None
+    if xmp is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt(XMP_KEY, xmp, zip=False)  # the XMP spec asks for an uncompressed packet
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=9, pnginfo=info)
     return buf.getvalue()
 
 
@@ -117,9 +126,10 @@ def _write_data(root: Path, synthetic_dir: Path, facts: ReleaseFacts, real: set[
     n = len(meta)
     file_names = []
     written = []
+    mark = xmp_packet(facts.release_id)
     for i in range(n):
         rel = f"{folders[int(labels[i])]}/{image_file_name(i, n)}"
-        (root / SPLIT_DIR / rel).write_bytes(png_bytes(images[i]))
+        (root / SPLIT_DIR / rel).write_bytes(png_bytes(images[i], xmp=mark))
         file_names.append(rel)
         written.append(f"{SPLIT_DIR}/{rel}")
 

@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 
 console = Console(highlight=False, soft_wrap=True)  # paths and commands stay copy-pasteable
-keys_app = typer.Typer(help="Manage the steward's Ed25519 release keys.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage the steward's ECDSA P-256 release keys (OpenSSF Model Signing).",
+                       no_args_is_help=True)
 
 
 @keys_app.command("generate")
@@ -21,7 +22,7 @@ def keys_generate(
         str | None, typer.Option(help="Name of an environment variable holding a passphrase for the private key.")
     ] = None,
 ) -> None:
-    """Create a new key pair. The private key is written with mode 0600 and never leaves this machine."""
+    """Create a new ECDSA P-256 key pair. The private key is written with mode 0600 and never leaves this machine."""
     from flows.keys import fingerprint, generate_keys, load_public_key
     from synth.errors import InputError
 
@@ -43,15 +44,21 @@ def verify_cmd(
     release_id: Annotated[str | None, typer.Option(
         help="The release you expect: refused unless the steward signed this id.")] = None,
 ) -> None:
-    """Check a release bundle: signature, every file's hash, no missing or extra files. Exit 0 valid, 1 invalid."""
+    """Check a release bundle: signature, every file's hash, no missing or extra files. Exit 0 valid, 1 invalid.
+
+    The OpenSSF Model Signing signature (release.sig) is checked twice: by synthgate's own strict reading, then by
+    the reference verifier `model_signing` (the same check as `model_signing verify key`)."""
     from flows.keys import load_public_key
+    from flows.model_signature import SIGNATURE, reference_verify
     from flows.signing import verify_bundle
 
     result = verify_bundle(bundle, load_public_key(key), release_id=release_id)
+    version = reference_verify(bundle, key)
     p = result.predicate
     console.print(
         f"[green]valid[/]: {result.files} files, {result.bytes:,} bytes, signed by key {result.fingerprint[:16]}…"
     )
+    console.print(f"OpenSSF Model Signing: {SIGNATURE} verified by model_signing {version}")
     summary = p.get("summary") if isinstance(p.get("summary"), str) else ""
     console.print(f"release {escape(result.release_id or '(no id signed)')}: {escape(summary)}".rstrip(": "))
     console.print(f"privacy: {_privacy_line(p.get('privacy'))}")

@@ -1,4 +1,8 @@
-"""Ed25519 release keys: generate, load, fingerprint.
+"""ECDSA P-256 release keys: generate, load, fingerprint.
+
+Bundles are signed per OpenSSF Model Signing v1.0, whose algorithm registry has elliptic-curve keys and no
+Ed25519: `model_signing` accepts NIST P-256, P-384 and P-521 keys, and `synthgate keys generate` writes P-256.
+Keys made by synthgate 0.1 (Ed25519) are refused with one line that says how to make a new pair.
 
 The private key signs bundles on the steward's side and never enters a bundle, a log or a Prefect result; only
 its path is passed around. The public key (`release.pub`) is what researchers verify with.
@@ -12,6 +16,7 @@ from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from synth.artifacts import atomic_dir
@@ -19,25 +24,34 @@ from synth.errors import InputError, where
 
 PRIVATE_NAME = "release.key"
 PUBLIC_NAME = "release.pub"
+# The curves model_signing signs and verifies with (its `_check_supported_ec_key`); we generate the first.
+SUPPORTED_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+PublicKey = ec.EllipticCurvePublicKey
+PrivateKey = ec.EllipticCurvePrivateKey
+_ED25519 = "is an Ed25519 key (synthgate 0.1); releases are now signed per OpenSSF Model Signing with ECDSA P-256"
+_ED25519_PRIVATE = f"{_ED25519}: run 'synthgate keys generate --out NEW_DIR', sign with it and publish its release.pub"
+_ED25519_PUBLIC = f"{_ED25519}: verify with the publisher's new (ECDSA) release.pub"
 
 
-def fingerprint(public_key: Ed25519PublicKey) -> str:
-    """sha256 of the raw 32-byte public key, hex: how a researcher recognises the steward's key."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()
+def public_pem(public_key: PublicKey) -> bytes:
+    """SubjectPublicKeyInfo PEM of a public key (the bytes `release.pub` holds)."""
+    return public_key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def fingerprint(public_key: PublicKey) -> str:
+    """sha256 of the public key's PEM, hex: the key `hint` model_signing writes into release.sig, so a
+    researcher can match the two (and `sha256sum release.pub` gives the same value)."""
+    return hashlib.sha256(public_pem(public_key)).hexdigest()
 
 
 def generate_keys(out: Path, *, passphrase: bytes | None = None) -> tuple[Path, Path]:
-    """Create `out/` with `release.key` (PKCS#8 PEM, mode 0600, encrypted when a passphrase is given) and
-    `release.pub` (SubjectPublicKeyInfo PEM). Refuses to overwrite an existing directory."""
-    key = Ed25519PrivateKey.generate()
+    """Create `out/` with `release.key` (ECDSA P-256, PKCS#8 PEM, mode 0600, encrypted when a passphrase is
+    given) and `release.pub` (SubjectPublicKeyInfo PEM). Refuses to overwrite an existing directory."""
+    key = ec.generate_private_key(ec.SECP256R1())
     encryption = (
         serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-    public_pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
     with atomic_dir(Path(out)) as tmp:
         os.chmod(tmp, 0o700)
         private = tmp / PRIVATE_NAME
@@ -45,12 +59,12 @@ def generate_keys(out: Path, *, passphrase: bytes | None = None) -> tuple[Path, 
         fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(private_pem)
-        (tmp / PUBLIC_NAME).write_bytes(public_pem)
+        (tmp / PUBLIC_NAME).write_bytes(public_pem(key.public_key()))
     return Path(out) / PRIVATE_NAME, Path(out) / PUBLIC_NAME
 
 
-def load_private_key(path: Path, *, passphrase: bytes | None = None) -> Ed25519PrivateKey:
-    """Load an Ed25519 private key, with one-line errors for a missing file, wrong passphrase or wrong type."""
+def load_private_key(path: Path, *, passphrase: bytes | None = None) -> PrivateKey:
+    """Load an ECDSA private key, with one-line errors for a missing file, wrong passphrase or wrong type."""
     data = _read(path)
     try:
         key = serialization.load_pem_private_key(data, password=passphrase)
@@ -59,21 +73,33 @@ def load_private_key(path: Path, *, passphrase: bytes | None = None) -> Ed25519P
                                else "key is not encrypted: give no passphrase")) from None
     except (ValueError, UnsupportedAlgorithm):
         raise InputError(where(path, "is not a PEM private key, or the passphrase is wrong")) from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise InputError(where(path, f"is a {type(key).__name__}, not an Ed25519 key"))
+    if isinstance(key, Ed25519PrivateKey):
+        raise InputError(where(path, _ED25519_PRIVATE))
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InputError(where(path, f"is a {type(key).__name__}, not an ECDSA P-256 key"))
+    _check_curve(path, key.curve)
     return key
 
 
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    """Load an Ed25519 public key (PEM)."""
+def load_public_key(path: Path) -> PublicKey:
+    """Load an ECDSA public key (PEM)."""
     data = _read(path)
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
         raise InputError(where(path, "is not a PEM public key")) from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise InputError(where(path, f"is a {type(key).__name__}, not an Ed25519 key"))
+    if isinstance(key, Ed25519PublicKey):
+        raise InputError(where(path, _ED25519_PUBLIC))
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise InputError(where(path, f"is a {type(key).__name__}, not an ECDSA P-256 key"))
+    _check_curve(path, key.curve)
     return key
+
+
+def _check_curve(path: Path, curve: ec.EllipticCurve) -> None:
+    if curve.name not in SUPPORTED_CURVES:
+        raise InputError(where(path, f"is an ECDSA key on curve {curve.name}; OpenSSF Model Signing supports "
+                                     f"{', '.join(SUPPORTED_CURVES)} (synthgate keys generate writes secp256r1)"))
 
 
 def _read(path: Path) -> bytes:

@@ -15,9 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from flows.keys import fingerprint
+from flows.keys import PublicKey, fingerprint
 from flows.signing import SIGNATURE, verify_bundle
 from synth.artifacts import atomic_file
 from synth.errors import InputError, IntegrityError, where
@@ -69,7 +67,7 @@ class CatalogEntry:
         return dict(self.__dict__)
 
 
-def publish(bundle: Path, releases_dir: Path, public_key: Ed25519PublicKey, *, release_id: str) -> Path:
+def publish(bundle: Path, releases_dir: Path, public_key: PublicKey, *, release_id: str) -> Path:
     """Verify `bundle`, move it to `releases_dir/<release_id>/` and refresh the index. Returns the new path.
 
     Idempotent: publishing the same signed bundle again (e.g. after a crash between the move and the index) only
@@ -92,7 +90,7 @@ def publish(bundle: Path, releases_dir: Path, public_key: Ed25519PublicKey, *, r
     return target
 
 
-def published(releases_dir: Path, public_key: Ed25519PublicKey, release_id: str) -> Path | None:
+def published(releases_dir: Path, public_key: PublicKey, release_id: str) -> Path | None:
     """The intact bundle already published as `release_id` (the index rebuilt to list it), or None.
 
     A rerun after a crash between moving the bundle in and writing the index finds its release here and repairs
@@ -108,8 +106,8 @@ def published(releases_dir: Path, public_key: Ed25519PublicKey, release_id: str)
     return target
 
 
-def _same_bundle(bundle: Path, target: Path, public_key: Ed25519PublicKey, release_id: str) -> bool:
-    # Equal signature files sign equal manifest and provenance hashes, hence (both verified) equal contents.
+def _same_bundle(bundle: Path, target: Path, public_key: PublicKey, release_id: str) -> bool:
+    # Equal release.sig files sign equal hashes of every file, hence (both verified) equal contents.
     try:
         if (bundle / SIGNATURE).read_bytes() != (target / SIGNATURE).read_bytes():
             return False
@@ -126,7 +124,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def scan_releases(releases_dir: Path, public_key: Ed25519PublicKey) -> tuple[list[CatalogEntry], list[str]]:
+def scan_releases(releases_dir: Path, public_key: PublicKey) -> tuple[list[CatalogEntry], list[str]]:
     """Verify every bundle under `releases_dir`; return the intact ones and the names of those that failed."""
     entries, failed = [], []
     for child in sorted(p for p in releases_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -157,7 +155,7 @@ def _typed(value: Any, kind: type) -> Any:
     return value
 
 
-def write_index(releases_dir: Path, public_key: Ed25519PublicKey) -> list[CatalogEntry]:
+def write_index(releases_dir: Path, public_key: PublicKey) -> list[CatalogEntry]:
     """Rebuild `index.json` and `index.html` from the intact bundles present."""
     entries, failed = scan_releases(releases_dir, public_key)
     index = {

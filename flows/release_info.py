@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
+from flows.keys import PublicKey
 from flows.publish import approval_label
 from flows.signing import MANIFEST, PROVENANCE, verify_bundle
 from synth.errors import InputError
@@ -76,7 +75,7 @@ def locate(release: str, releases_dir: Path | None) -> Path:
     return path
 
 
-def read_release(root: Path, public_key: Ed25519PublicKey | None = None) -> ReleaseInfo:
+def read_release(root: Path, public_key: PublicKey | None = None) -> ReleaseInfo:
     """The release in `root`; with `public_key`, verified first (IntegrityError when it does not verify)."""
     if public_key is not None:
         verified = verify_bundle(root, public_key)

@@ -1,15 +1,17 @@
-"""Manifest, provenance and Ed25519 signature of a release bundle, and their verification.
+"""Manifest, provenance and standard signature of a release bundle, and their verification.
 
-    manifest.json    sha256 and size of every other file in the bundle
+    manifest.json    bundle format version, sha256 and size of every other file in the bundle
     provenance.json  an in-toto Statement v1: subjects = the files, predicate = what produced them
-    signature        Ed25519 over the sha256 of manifest.json and provenance.json
+    release.sig      OpenSSF Model Signing v1.0 (`flows.model_signature`): the steward's ECDSA signature over the
+                     sha256 of every file above, manifest.json and provenance.json included
 
-Verification needs only the bundle and the steward's public key: signature, every hash, no missing or extra files.
+Verification needs only the bundle and the steward's public key: signature, every hash, no missing or extra files,
+and manifest, provenance and signature agreeing file for file. Bundle format 1 (synthgate 0.1: an Ed25519
+`signature` file over two hashes) is refused with one line, never verified against the old rules.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -19,27 +21,25 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
-from flows.keys import fingerprint
+from flows.keys import PublicKey, fingerprint, load_private_key
+from flows.model_signature import SIGNATURE, is_sha256, short_repr, sign_directory, signed_digests
 from synth.artifacts import sha256_file, write_json
 from synth.errors import IntegrityError, where
 
 MANIFEST = "manifest.json"
 PROVENANCE = "provenance.json"
-SIGNATURE = "signature"
 SIGNING_FILES = (MANIFEST, PROVENANCE, SIGNATURE)
+# 2: release.sig (OpenSSF Model Signing, ECDSA) replaced format 1's Ed25519 `signature` file.
+BUNDLE_FORMAT = 2
+OLD_SIGNATURE = "signature"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://github.com/synthgate/synthgate/release/v1"
-# Domain separation: a synthgate release signature can never be replayed as a signature over something else.
-_DOMAIN = b"synthgate-release-signature-v1\n"
-_SIGNATURE_KEYS = {"algorithm", "public_key_fingerprint", "signed", "signature"}
-_HEX = set("0123456789abcdef")
-# The signature file is read before anything is authenticated: a few hundred bytes when genuine.
-MAX_SIGNATURE_BYTES = 4096
+# release.sig is read before anything is authenticated; it lists every file (~150 bytes each), so this allows
+# bundles of hundreds of thousands of images while bounding what an attacker can make us parse.
+MAX_SIGNATURE_BYTES = 64 * 1024 * 1024
 # manifest.json and provenance.json are hashed from memory (read once, so what is parsed is what was checked).
 MAX_METADATA_BYTES = 256 * 1024 * 1024
+_short = short_repr
 
 
 def bundle_files(root: Path) -> list[str]:
@@ -66,9 +66,9 @@ def bundle_files(root: Path) -> list[str]:
 
 
 def build_manifest(root: Path) -> dict[str, Any]:
-    """sha256 and size of every file in the bundle (sorted by path)."""
+    """Bundle format and sha256 and size of every file in the bundle (sorted by path)."""
     return {
-        "schema_version": 1,
+        "schema_version": BUNDLE_FORMAT,
         "files": [
             {"path": rel, "sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size}
             for rel in bundle_files(root)
@@ -86,28 +86,19 @@ def build_provenance(manifest: Mapping[str, Any], predicate: Mapping[str, Any]) 
     }
 
 
-def _payload(signed: Mapping[str, str]) -> bytes:
-    return _DOMAIN + json.dumps(dict(signed), sort_keys=True, separators=(",", ":")).encode()
+def sign_bundle(root: Path, private_key_path: Path, *, predicate: Mapping[str, Any],
+                passphrase: bytes | None = None) -> str:
+    """Write manifest.json, provenance.json and release.sig into `root`; return the key's fingerprint.
 
-
-def sign_bundle(root: Path, private_key: Ed25519PrivateKey, *, predicate: Mapping[str, Any]) -> str:
-    """Write manifest.json, provenance.json and signature into `root`; return the key's fingerprint."""
+    The key is named by path (model_signing loads it); it is loaded here first so a wrong file, passphrase or an
+    old Ed25519 key is one InputError line before anything is written."""
     root = Path(root)
+    key = load_private_key(private_key_path, passphrase=passphrase)
     manifest = build_manifest(root)
     write_json(root / MANIFEST, manifest)
     write_json(root / PROVENANCE, build_provenance(manifest, predicate))
-    signed = {MANIFEST: sha256_file(root / MANIFEST), PROVENANCE: sha256_file(root / PROVENANCE)}
-    fp = fingerprint(private_key.public_key())
-    write_json(
-        root / SIGNATURE,
-        {
-            "algorithm": "ed25519",
-            "public_key_fingerprint": fp,
-            "signed": signed,
-            "signature": base64.b64encode(private_key.sign(_payload(signed))).decode(),
-        },
-    )
-    return fp
+    sign_directory(root, Path(private_key_path), passphrase=passphrase)
+    return fingerprint(key.public_key())
 
 
 def _safe_relpath(root: Path, rel: Any) -> str:
@@ -117,14 +108,6 @@ def _safe_relpath(root: Path, rel: Any) -> str:
     if pure.is_absolute() or ".." in pure.parts or rel in SIGNING_FILES:
         raise IntegrityError(where(root / MANIFEST, f"path {_short(rel)} escapes the bundle or names a signing file"))
     return rel
-
-
-def _short(value: Any) -> str:
-    """repr of an untrusted value, cut so a message stays one readable line."""
-    if not isinstance(value, str | float | bool | type(None)):
-        return f"<{type(value).__name__}>"  # nested containers or huge ints could not even be repr'd safely
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -137,7 +120,7 @@ class VerifiedBundle:
     bytes: int
     predicate: dict[str, Any]
     manifest: dict[str, Any] = field(repr=False, default_factory=dict)
-    # (size, sha256) of manifest.json, provenance.json and signature as verified: what a server may send later.
+    # (size, sha256) of manifest.json, provenance.json and release.sig as verified: what a server may send later.
     signing_files: dict[str, tuple[int, str]] = field(repr=False, default_factory=dict)
 
     @property
@@ -166,53 +149,6 @@ def _parse_json(path: Path, data: bytes) -> Any:
         raise IntegrityError(where(path, "is not valid JSON")) from None
 
 
-def _is_sha256(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
-
-
-def _check_signature_file(root: Path, data: bytes) -> dict[str, Any]:
-    """The signature file's fields, refused unless it has exactly the expected shape and canonical bytes."""
-    path = root / SIGNATURE
-    sig = _parse_json(path, data)
-    if not isinstance(sig, dict) or set(sig) != _SIGNATURE_KEYS:
-        raise IntegrityError(where(path, f"is malformed (expected exactly the keys {sorted(_SIGNATURE_KEYS)})"))
-    signed = sig["signed"]
-    if not isinstance(signed, dict) or set(signed) != {MANIFEST, PROVENANCE} or not all(
-            _is_sha256(v) for v in signed.values()):
-        raise IntegrityError(where(path, "is malformed ('signed' must map manifest.json and provenance.json to "
-                                         "sha256 digests)"))
-    if sig["algorithm"] != "ed25519":
-        raise IntegrityError(where(path, f"unsupported algorithm {_short(sig['algorithm'])}"))
-    if not isinstance(sig["signature"], str) or not isinstance(sig["public_key_fingerprint"], str):
-        raise IntegrityError(where(path, "is malformed (signature and fingerprint must be strings)"))
-    # Not signed itself: every byte must be the canonical encoding of the checked fields, so no byte of the
-    # bundle can change unnoticed (the fingerprint field is bound to the verifying key below).
-    if data != _canonical(sig):
-        raise IntegrityError(where(path, "is not in canonical form"))
-    return sig
-
-
-def _canonical(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-
-
-def _check_signature(root: Path, sig: dict[str, Any], public_key: Ed25519PublicKey) -> str:
-    path = root / SIGNATURE
-    try:
-        signature = base64.b64decode(sig["signature"], validate=True)
-    except ValueError:
-        raise IntegrityError(where(path, "is malformed (signature is not base64)")) from None
-    fp = fingerprint(public_key)
-    try:
-        public_key.verify(signature, _payload(sig["signed"]))
-    except InvalidSignature:
-        problem = f"signature is not valid for the given key (fingerprint {fp[:16]}…)"
-        raise IntegrityError(where(path, problem)) from None
-    if sig["public_key_fingerprint"] != fp:
-        raise IntegrityError(where(path, "public_key_fingerprint does not name the key the signature verifies under"))
-    return fp
-
-
 def _signed_json(root: Path, name: str, digest: str) -> tuple[Any, int]:
     """Read `name` once, check its bytes against the signed digest, and parse those same bytes (and their size)."""
     data = _read_limited(root, name, MAX_METADATA_BYTES)
@@ -221,20 +157,40 @@ def _signed_json(root: Path, name: str, digest: str) -> tuple[Any, int]:
     return _parse_json(root / name, data), len(data)
 
 
+def _check_old_format(root: Path) -> None:
+    if not (root / SIGNATURE).exists() and (root / OLD_SIGNATURE).is_file():
+        raise IntegrityError(where(root, "is signed in bundle format 1 (synthgate 0.1, an Ed25519 'signature' file), "
+                                         "which this version does not verify: ask the publisher to re-sign it "
+                                         f"(format {BUNDLE_FORMAT}, OpenSSF Model Signing release.sig)"))
+
+
 def _manifest_entries(root: Path, manifest: Any) -> dict[str, dict[str, Any]]:
-    entries = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != BUNDLE_FORMAT:
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        raise IntegrityError(where(root / MANIFEST, f"bundle format {_short(version)} is not {BUNDLE_FORMAT}"))
+    entries = manifest.get("files")
     if not isinstance(entries, list):
         raise IntegrityError(where(root / MANIFEST, "has no file list"))
     listed: dict[str, dict[str, Any]] = {}
     for entry in entries:
         rel = _safe_relpath(root, entry.get("path") if isinstance(entry, dict) else None)
         size = entry.get("size")
-        if not _is_sha256(entry.get("sha256")) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        if not is_sha256(entry.get("sha256")) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise IntegrityError(where(root / MANIFEST, f"entry {_short(rel)} has no valid sha256 and size"))
         if rel in listed:
             raise IntegrityError(where(root / MANIFEST, f"lists {_short(rel)} twice"))
         listed[rel] = entry
     return listed
+
+
+def _check_signed_matches_manifest(root: Path, signed: dict[str, str], listed: dict[str, dict[str, Any]]) -> None:
+    """release.sig must sign exactly the manifest's files (same digests) plus manifest.json and provenance.json."""
+    expected = {rel: e["sha256"] for rel, e in listed.items()}
+    actual = {rel: d for rel, d in signed.items() if rel not in (MANIFEST, PROVENANCE)}
+    if actual != expected:
+        differ = sorted(set(actual) ^ set(expected)) or sorted(r for r in actual if actual[r] != expected[r])
+        raise IntegrityError(where(root / SIGNATURE, f"signs other files than the manifest lists (first: "
+                                                     f"{_short(differ[0])})"))
 
 
 def _check_files(root: Path, listed: dict[str, dict[str, Any]]) -> int:
@@ -271,7 +227,7 @@ def _check_provenance(root: Path, provenance: Any, listed: dict[str, dict[str, A
     return predicate
 
 
-def verify_bundle(root: Path, public_key: Ed25519PublicKey, *, release_id: str | None = None) -> VerifiedBundle:
+def verify_bundle(root: Path, public_key: PublicKey, *, release_id: str | None = None) -> VerifiedBundle:
     """Check signature, manifest, provenance, and every file; raise IntegrityError with the first reason.
 
     With `release_id`, the release id signed inside the provenance must equal it (the id a URL asked for or a
@@ -280,19 +236,22 @@ def verify_bundle(root: Path, public_key: Ed25519PublicKey, *, release_id: str |
     root = Path(root)
     if not root.is_dir():
         raise IntegrityError(where(root, "is not a directory"))
+    _check_old_format(root)
     sig_bytes = _read_limited(root, SIGNATURE, MAX_SIGNATURE_BYTES)
-    sig = _check_signature_file(root, sig_bytes)
-    fp = _check_signature(root, sig, public_key)
-    manifest, manifest_size = _signed_json(root, MANIFEST, sig["signed"][MANIFEST])
-    provenance, provenance_size = _signed_json(root, PROVENANCE, sig["signed"][PROVENANCE])
+    signed = signed_digests(root / SIGNATURE, sig_bytes, public_key)
+    for name in (MANIFEST, PROVENANCE):
+        if name not in signed:
+            raise IntegrityError(where(root / SIGNATURE, f"does not sign {name}"))
+    manifest, manifest_size = _signed_json(root, MANIFEST, signed[MANIFEST])
+    provenance, provenance_size = _signed_json(root, PROVENANCE, signed[PROVENANCE])
     listed = _manifest_entries(root, manifest)
+    _check_signed_matches_manifest(root, signed, listed)
     total = _check_files(root, listed)
     predicate = _check_provenance(root, provenance, listed)
-    signing_files = {MANIFEST: (manifest_size, sig["signed"][MANIFEST]),
-                     PROVENANCE: (provenance_size, sig["signed"][PROVENANCE]),
+    signing_files = {MANIFEST: (manifest_size, signed[MANIFEST]), PROVENANCE: (provenance_size, signed[PROVENANCE]),
                      SIGNATURE: (len(sig_bytes), hashlib.sha256(sig_bytes).hexdigest())}
-    result = VerifiedBundle(root=root, fingerprint=fp, files=len(listed), bytes=total, predicate=predicate,
-                            manifest=manifest, signing_files=signing_files)
+    result = VerifiedBundle(root=root, fingerprint=fingerprint(public_key), files=len(listed), bytes=total,
+                            predicate=predicate, manifest=manifest, signing_files=signing_files)
     if release_id is not None and result.release_id != release_id:
         raise IntegrityError(where(root, f"is signed as release {_short(result.release_id)}, not {release_id!r}"))
     return result

@@ -611,7 +611,8 @@ def bundle_stage(
 
     if not verdict.passed or approval.decision != "approved":
         raise PolicyBlocked("a release is signed only after a passing gate and an approval")
-    key = load_private_key(cfg.private_key, passphrase=_passphrase(cfg))
+    passphrase = _passphrase(cfg)
+    load_private_key(cfg.private_key, passphrase=passphrase)  # a wrong key fails before the report is rendered
     public_report = report_stage(cfg, dataset=dataset, model=model, released=released, privacy_dir=privacy_dir,
                                  utility_dir=utility_dir, verdict=verdict, public=True)
     facts = release_facts(cfg, release_id=release_id, dataset=dataset, model=model, synthetic=synthetic,
@@ -622,7 +623,7 @@ def bundle_stage(
     with atomic_dir(out, overwrite=True) as tmp:
         write_bundle_content(tmp, synthetic_dir=released, public_report_dir=public_report, facts=facts,
                              summaries={"gate.json": verdict.model_dump(mode="json")}, real_pixel_hashes=real_hashes)
-        sign_bundle(tmp, key, predicate=provenance_predicate(cfg, facts, {
+        sign_bundle(tmp, cfg.private_key, passphrase=passphrase, predicate=provenance_predicate(cfg, facts, {
             "dataset": dataset, "model": model, "synthetic": synthetic, "released": released,
             "privacy_audit": privacy_dir, "utility_audit": utility_dir}))
     return out

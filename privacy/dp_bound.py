@@ -70,7 +70,7 @@ def epsilon_ceiling(m: int, *, delta: float, significance: float,
 
 
 def _k(fraction: float, m: int) -> int:
-    return max(1, int(round(fraction * m / 2)))
+    return max(1, round(fraction * m / 2))
 
 
 @dataclass(frozen=True)

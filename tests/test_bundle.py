@@ -16,6 +16,7 @@ from flows.bundle import png_bytes, png_pixels, write_bundle_content
 from reports.bundle_layout import class_folder_names, imagefolder_indices
 from reports.dataset_card import parse_card_header
 from reports.facts import SyntheticFacts
+from reports.synthetic_mark import DIGITAL_SOURCE_TYPE, xmp_packet
 from synth.data.canonical import load_dataset, pixel_sha256
 from synth.errors import InputError, IntegrityError, PolicyBlocked
 from tests.release_fixtures import build_bundle, demo_facts, make_synthetic
@@ -80,6 +81,28 @@ def test_metadata_csv_and_pngs_hold_the_synthetic_pixels(bundle):
         assert np.array_equal(png_pixels(root / "data/train" / row.file_name), ds.images[i])
 
 
+def test_every_released_png_is_marked_synthetic_in_xmp(bundle):
+    """Read back with libraries (Pillow's XMP reader; a namespace-aware XML parse), not by grepping bytes."""
+    from defusedxml import ElementTree
+    from PIL import Image
+
+    root, _ = bundle
+    pngs = sorted((root / "data").rglob("*.png"))
+    assert len(pngs) == 10
+    for path in pngs:
+        with Image.open(path) as im:
+            desc = im.getxmp()["xmpmeta"]["RDF"]["Description"]
+            packet = im.info["xmp"]
+        assert desc["DigitalSourceType"] == DIGITAL_SOURCE_TYPE
+        assert desc["ReleaseID"] == "rel-demo-001"
+        assert "synthetic" in desc["description"]["Alt"]["li"]["text"].lower()
+        tree = ElementTree.fromstring(packet)
+        rdf = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}"
+        node = tree.find(f"{rdf}RDF/{rdf}Description")
+        assert node.get("{http://iptc.org/std/Iptc4xmpExt/2008-02-29/}DigitalSourceType") == (
+            "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia")
+
+
 def test_imagefolder_rule_gives_true_labels(bundle):
     root, _ = bundle
     train = root / "data/train"
@@ -106,6 +129,15 @@ def test_folder_names_sort_in_label_order(names):
     assert len(set(folders)) == len(names)
 
 
+def _chunks(data: bytes) -> list[str]:
+    chunks, pos = [], 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        chunks.append(data[pos + 4 : pos + 8].decode())
+        pos += 12 + length
+    return chunks
+
+
 def test_png_bytes_are_deterministic_and_carry_no_metadata():
     rng = np.random.default_rng(1)
     gray = rng.integers(0, 256, (28, 28), dtype=np.uint8)
@@ -113,13 +145,12 @@ def test_png_bytes_are_deterministic_and_carry_no_metadata():
     for img in (gray, rgb, gray[..., None]):
         data = png_bytes(img)
         assert data == png_bytes(img.copy())
-        chunks, pos = [], 8
-        while pos < len(data):
-            length = int.from_bytes(data[pos : pos + 4], "big")
-            chunks.append(data[pos + 4 : pos + 8].decode())
-            pos += 12 + length
+        chunks = _chunks(data)
         assert chunks[0] == "IHDR" and chunks[-1] == "IEND"
         assert set(chunks) <= {"IHDR", "IDAT", "IEND"}, chunks  # no tIME / tEXt / iTXt
+        marked = png_bytes(img, xmp=xmp_packet("r-1"))
+        assert marked == png_bytes(img.copy(), xmp=xmp_packet("r-1"))
+        assert set(_chunks(marked)) - set(chunks) == {"iTXt"}  # the mark and nothing else
     with pytest.raises(InputError):
         png_bytes(rng.random((4, 4)))
 

@@ -29,7 +29,7 @@ from flows.catalog.server import server_config
 from flows.catalog.store import DB_NAME, Store, now
 from flows.cli import app as cli_app
 from flows.cli import run
-from flows.keys import fingerprint, generate_keys, load_private_key, load_public_key
+from flows.keys import fingerprint, generate_keys, load_public_key
 from flows.publish import publish
 from flows.signing import sign_bundle, verify_bundle
 from synth.errors import IntegrityError
@@ -110,10 +110,10 @@ def publish_releases(base, specs):
     """A fresh key pair under `base/keys` and one signed release per (id, ε, PNG bytes[, approval]), published to
     `base/releases`. Returns (releases dir, public key, public key path)."""
     private_path, public_path = generate_keys(base / "keys")
-    private, public = load_private_key(private_path), load_public_key(public_path)
+    public = load_public_key(public_path)
     releases = base / "releases"
     for rid, eps, size, *approval in specs:
-        bundle = _bundle(base / "work" / rid, private, rid, epsilon=eps, png_bytes=size,
+        bundle = _bundle(base / "work" / rid, private_path, rid, epsilon=eps, png_bytes=size,
                          approval=(approval or [HUMAN])[0])
         publish(bundle, releases, public, release_id=rid)
     return releases, public, public_path
@@ -260,7 +260,7 @@ def test_download_needs_accepted_terms_and_is_logged(env, capsys):
         names = tar.getnames()
     manifest = json.loads((env["releases"] / "r-2" / "manifest.json").read_text())
     assert names == [f"r-2/{f['path']}" for f in manifest["files"]] + [
-        "r-2/manifest.json", "r-2/provenance.json", "r-2/signature"]
+        "r-2/manifest.json", "r-2/provenance.json", "r-2/release.sig"]
     last = _wait_for_downloads(store, n_before + 1)[-1]
     assert (last["token_name"], last["release_id"], last["bytes"], last["complete"]) == (
         "carol", "r-2", len(resp.content), 1)

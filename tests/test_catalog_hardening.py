@@ -110,7 +110,7 @@ def test_download_sends_the_signature_that_was_verified(cat, tmp_path):
     shutil.copytree(cat["releases"] / "r-1", root)
     verified = verify_bundle(root, cat["public"], release_id="r-1")
     sig = json.loads((root / SIGNATURE).read_text())
-    sig["public_key_fingerprint"] = "0" * 64
+    sig["verificationMaterial"]["publicKey"]["hint"] = "0" * 64
     (root / SIGNATURE).write_text(json.dumps(sig))  # swapped between verification and download
     with pytest.raises(IntegrityError, match="changed while being sent"):
         b"".join(iter_tar(bundle_members(root, "r-1", verified.manifest, verified.signing_files)))
@@ -258,7 +258,7 @@ def test_unpacked_bytes_are_bounded(tmp_path):
 
 
 def test_odd_signed_predicate_shapes_are_shown_as_absent(tmp_path, capsys):
-    from flows.keys import generate_keys, load_private_key, load_public_key
+    from flows.keys import generate_keys, load_public_key
     from flows.publish import publish
     from flows.signing import sign_bundle
 
@@ -269,7 +269,7 @@ def test_odd_signed_predicate_shapes_are_shown_as_absent(tmp_path, capsys):
     deep: list = []
     for _ in range(900):
         deep = [deep]
-    sign_bundle(bundle, load_private_key(private_path), predicate={
+    sign_bundle(bundle, private_path, predicate={
         "release_id": "r-odd", "summary": deep, "privacy": ["epsilon", 1], "synthetic": {"images": "many"},
         "created": {"a": 1}})
     public = load_public_key(public_path)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from flows.cli import run, version
-from flows.keys import generate_keys, load_private_key
+from flows.keys import generate_keys
 from flows.signing import sign_bundle
 
 HUMAN = {"decision": "approved", "reviewer": "dr who", "auto_approved": False}
@@ -45,7 +45,7 @@ def _release(releases, private, rid, *, counts, ratio, auc, flagged, epsilon, ap
 def releases(tmp_path_factory):
     base = tmp_path_factory.mktemp("releases")
     private_path, public_path = generate_keys(base / "keys")
-    private = load_private_key(private_path)
+    private = private_path  # sign_bundle takes the key file
     rel = base / "releases"
     _release(rel, private, "rel-a", counts={"normal": 3, "pneumonia": 2}, ratio=0.9, auc=0.5, flagged=0,
              epsilon=None, approval=AUTO, policy_ba=0.85, steps=400)

@@ -154,6 +154,8 @@ def test_card_explains_loading_verifying_and_attribution():
     assert 'ClassLabel(names=["normal", "pneumonia"])' in text
     assert "ImageFolder(" in text
     assert "synthgate verify path/to/BUNDLE --key release.pub" in text
+    assert ("model_signing verify key path/to/BUNDLE --signature path/to/BUNDLE/release.sig "
+            "--public_key release.pub") in text
     assert "CC BY 4.0" in text and "Kermany et al., Cell 2018" in text and "MedMNIST v2" in text
     assert "@misc{synthgate-rel-demo-001" in text
     for heading in ("## How to load", "## How to verify", "## Audits", "## Limitations", "## License and attribution",
@@ -163,6 +165,14 @@ def test_card_explains_loading_verifying_and_attribution():
     # The headline ratios and the majority-class floor, in words.
     assert "0.944× the balanced accuracy" in text and "0.914× its sensitivity on the worst-served class" in text
     assert "always predicting the most frequent class (pneumonia) scores balanced accuracy 0.500" in text
+
+
+def test_card_and_datasheet_say_the_images_are_marked_synthetic():
+    facts = demo_facts()
+    card, sheet = render_dataset_card(facts), render_datasheet(facts)
+    assert "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia" in card
+    assert "XMP" in card and "`rel-demo-001`" in card
+    assert "trainedAlgorithmicMedia" in sheet and "XMP" in sheet and "rel-demo-001" in sheet
 
 
 def test_license_helpers():

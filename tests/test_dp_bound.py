@@ -33,7 +33,7 @@ def test_delta_only_loosens_the_bound() -> None:
 
 def test_lower_bound_is_where_the_p_value_crosses_the_significance() -> None:
     bound = epsilon_lower_bound(1000, 500, 400, delta=1e-5, significance=0.05)
-    assert 0 < bound
+    assert bound > 0
     assert p_value(1000, 500, 400, bound - 1e-3, 1e-5) < 0.05 < p_value(1000, 500, 400, bound + 1e-3, 1e-5)
     assert epsilon_lower_bound(1000, 500, 250, delta=1e-5, significance=0.05) == 0.0  # coin flipping shows nothing
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from flows.keys import generate_keys, load_private_key, load_public_key
+from flows.keys import generate_keys, load_public_key
 from flows.publish import check_release_id, publish, published, write_index
 from flows.signing import sign_bundle
 from synth.errors import InputError, IntegrityError
@@ -19,7 +19,7 @@ def signed(tmp_path):
         bundle = tmp_path / "work" / name
         bundle.mkdir(parents=True)
         (bundle / "README.md").write_text("card")
-        sign_bundle(bundle, load_private_key(private), predicate={
+        sign_bundle(bundle, private, predicate={
             "release_id": release_id, "summary": summary, "privacy": {"epsilon": 8.0, "delta": 1e-5},
             "synthetic": {"images": 10}})
         return bundle
@@ -112,7 +112,7 @@ def test_a_malformed_neighbour_does_not_break_publishing(tmp_path, signed):
     make, public = signed
     releases = tmp_path / "releases"
     publish(make("a"), releases, public, release_id="r-1")
-    (releases / "r-1" / "signature").write_text("[" * 100_000 + "]" * 100_000)
+    (releases / "r-1" / "release.sig").write_text("[" * 100_000 + "]" * 100_000)
     publish(make("b", release_id="r-2"), releases, public, release_id="r-2")
     index = json.loads((releases / "index.json").read_text())
     assert [r["release_id"] for r in index["releases"]] == ["r-2"] and index["hidden_failed_verification"] == ["r-1"]

@@ -120,6 +120,7 @@ def test_release_is_published_and_verifies(released):
     index = json.loads((tmp / "releases" / "index.json").read_text())
     assert [r["release_id"] for r in index["releases"]] == [result.release_id]
     assert not list(bundle.rglob("*.key")), "the private key never enters a bundle"
+    _check_standard_signature_and_marks(tmp, bundle, result.release_id)
     # The guidance scale was chosen on the real validation split; the documents say so, and which was used.
     selection = json.loads((tmp / "work" / "guidance-selection" / "guidance.json").read_text())
     chosen = selection["guidance_scale"]
@@ -418,3 +419,34 @@ def test_release_trains_with_two_processes_from_its_prefect_task(released, tmp_p
     card = read_model_card(model)
     assert card["distributed"] == {"world_size": 2, "backend": "gloo"}
     assert card["steps"] == 4 and card["examples_seen"] > 0
+
+
+def _check_standard_signature_and_marks(tmp, bundle, release_id):
+    """The published bundle verifies with the OpenSSF reference tool (as the README documents) and fails once a
+    byte changes; every released PNG says in its XMP that it is synthetic, and from which release."""
+    import shutil
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from reports.synthetic_mark import DIGITAL_SOURCE_TYPE
+
+    pngs = sorted((bundle / "data").rglob("*.png"))
+    assert pngs
+    for path in pngs:
+        with Image.open(path) as im:
+            desc = im.getxmp()["xmpmeta"]["RDF"]["Description"]
+        assert desc["DigitalSourceType"] == DIGITAL_SOURCE_TYPE and desc["ReleaseID"] == release_id
+    copy = tmp / "tampered-copy"
+    shutil.copytree(bundle, copy)
+    victim = copy / pngs[0].relative_to(bundle)
+    data = bytearray(victim.read_bytes())
+    data[-20] ^= 0x01
+    victim.write_bytes(bytes(data))
+    for target in (bundle, copy):
+        out = subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", str(target),
+                              "--signature", str(target / "release.sig"), "--public_key",
+                              str(tmp / "keys" / "release.pub")], capture_output=True, text=True, timeout=300)
+        assert (out.returncode == 0) == (target == bundle), out.stderr
+    shutil.rmtree(copy)

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -42,6 +41,7 @@ from flows.catalog.schemas import Acceptance, AcceptRequest, ReleaseDetail, Rele
 from flows.catalog.store import DB_NAME, Store, Token, now
 from flows.catalog.templates import environment, render_markdown
 from flows.catalog.throttle import RefusalThrottle
+from flows.keys import PublicKey
 
 log = logging.getLogger("synthgate.catalog")
 _REPORT = "report/report.html"
@@ -82,12 +82,12 @@ class _LoggedStream(StreamingResponse):
         self._on_close()
 
 
-def create_app(releases_dir: Path, public_keys: Ed25519PublicKey | Sequence[Ed25519PublicKey],
+def create_app(releases_dir: Path, public_keys: PublicKey | Sequence[PublicKey],
                db_path: Path | None = None, *, max_refusals_per_minute: int = 30) -> FastAPI:
     """Build the catalog app over `releases_dir`; tokens and logs live in `db_path`
     (default `<releases_dir>/.catalog.sqlite`). A bundle is served when it verifies under any of `public_keys`.
     A client refused `max_refusals_per_minute` times within a minute gets 429 on token-gated routes for a while."""
-    keys = [public_keys] if isinstance(public_keys, Ed25519PublicKey) else list(public_keys)
+    keys = [public_keys] if isinstance(public_keys, PublicKey) else list(public_keys)
     catalog = ReleaseCatalog(Path(releases_dir), keys)
     store = Store(Path(db_path) if db_path else Path(releases_dir) / DB_NAME)
     # Verify everything once at start: failures are logged now, and the first page view is served from the cache.

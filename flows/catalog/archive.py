@@ -1,6 +1,6 @@
 """Stream a verified bundle as one deterministic tar, chunk by chunk, never holding a file in memory.
 
-Members are the manifest's files in sorted order, then manifest.json, provenance.json and signature, all under
+Members are the manifest's files in sorted order, then manifest.json, provenance.json and release.sig, all under
 `<release_id>/`, with fixed metadata (mode 0644, uid/gid 0, mtime 0), so two downloads of one release are
 byte-identical. Each file is re-hashed while it streams: if it no longer matches the manifest (changed after the
 request was verified) the stream is aborted rather than finished with bytes the signature does not cover.

@@ -17,8 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
+from flows.keys import PublicKey
 from flows.publish import check_release_id
 from flows.signing import VerifiedBundle, verify_bundle
 from synth.artifacts import atomic_dir
@@ -184,7 +183,7 @@ def _check(resp: httpx.Response, url: str) -> None:
         raise InputError(f"{url}: HTTP {status}: {_detail(resp)}")
 
 
-def fetch(url: str, token: str, out: Path, public_key: Ed25519PublicKey, *,
+def fetch(url: str, token: str, out: Path, public_key: PublicKey, *,
           accept_terms: bool = False, max_bytes: int | None = None) -> VerifiedBundle:
     """Download the release at `url` into the new directory `out`, unpack safely, verify; return the result.
 
@@ -205,7 +204,7 @@ def fetch(url: str, token: str, out: Path, public_key: Ed25519PublicKey, *,
         return unpack_and_verify(archive, release_id, out, public_key, max_bytes=max_bytes)
 
 
-def unpack_and_verify(archive: Path, release_id: str, out: Path, public_key: Ed25519PublicKey, *,
+def unpack_and_verify(archive: Path, release_id: str, out: Path, public_key: PublicKey, *,
                       max_bytes: int | None = None) -> VerifiedBundle:
     """Safely unpack a downloaded release tar into `out` (atomically; at most `max_bytes` unpacked) and verify it
     with `public_key`, as the release `release_id`."""

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from flows.keys import PublicKey
 from flows.publish import approval_label, check_release_id
 from flows.release_info import class_counts
 from flows.signing import verify_bundle
@@ -125,7 +125,7 @@ def _json_object(text: str) -> dict[str, Any]:
         return {}
 
 
-def _load(root: Path, release_id: str, public_keys: list[Ed25519PublicKey]) -> Release:
+def _load(root: Path, release_id: str, public_keys: list[PublicKey]) -> Release:
     error: IntegrityError | None = None
     for key in public_keys:
         try:
@@ -188,7 +188,7 @@ def _stamp(root: Path) -> tuple[Any, ...]:
 class ReleaseCatalog:
     """Verified releases of one directory, cached by stat stamp."""
 
-    def __init__(self, releases_dir: Path, public_keys: list[Ed25519PublicKey]) -> None:
+    def __init__(self, releases_dir: Path, public_keys: list[PublicKey]) -> None:
         if not public_keys:
             raise InputError("the catalog needs at least one public key")
         self.dir = Path(releases_dir)

@@ -19,7 +19,8 @@ class ReleaseSummary(BaseModel):
     images: int
     files: int
     bytes: int = Field(description="Total size of the data files (excluding manifest, provenance, signature).")
-    fingerprint: str = Field(description="sha256 of the raw Ed25519 public key the bundle verified under.")
+    fingerprint: str = Field(description="sha256 of the PEM public key (ECDSA) the bundle verified under; equals "
+                                         "the key hint in release.sig.")
     approved_by: str = Field(description="The approval as signed in the bundle: 'reviewer NAME', 'automatic (no "
                                          "human review)' or 'not recorded'.")
 

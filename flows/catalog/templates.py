@@ -71,6 +71,9 @@ fingerprint the publisher gave you, then:</p>
 <pre><code>synthgate fetch {{ base_url }}releases/{{ r.release_id }} --token $TOKEN --out {{ r.release_id }} \\
     --key release.pub
 synthgate verify {{ r.release_id }} --key release.pub</code></pre>
+<p>Or, without synthgate, with the OpenSSF Model Signing reference tool (<code>pip install model-signing</code>):</p>
+<pre><code>model_signing verify key {{ r.release_id }} --signature {{ r.release_id }}/release.sig \\
+    --public_key release.pub</code></pre>
 <h2>Terms</h2>
 <pre>{{ r.terms }}</pre>
 <p>Accept them with <code>POST /api/releases/{{ r.release_id }}/accept</code> (or <code>synthgate fetch
