@@ -1,6 +1,6 @@
 """Step time of multi-process training: 1 vs 2 gloo processes at the same global batch, with and without DP-SGD.
 
-Each case runs `synth.training.train` under torchrun (`--standalone`, gloo) exactly as `synth.distributed` does, on
+Each case runs `synth.training.train` under torchrun (`--standalone`, gloo) exactly as `flows.distributed` does, on
 the real PneumoniaMNIST train split, with ONE torch thread per process (OMP_NUM_THREADS=1, `torch.set_num_threads`):
 2 processes then use 2 cores where 1 process uses 1, which is what data parallelism buys. Rank 0 timestamps every
 optimizer step (`on_step`, called after the step's all-reduce, so it is the whole group's step); the first
@@ -35,7 +35,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from synth.distributed import process_group
+    from flows.distributed import process_group
     from synth.train_config import TrainConfig
     from synth.training import train
 
@@ -46,11 +46,10 @@ def worker(args: argparse.Namespace) -> None:
         rank = torch.distributed.get_rank()
         privacy = None
         if args.dp:
-            from privacy.dp import DPConfig, make_strategy
-            from synth.data.canonical import load_dataset
+            from privacy.dp import DPConfig, build_strategy
 
-            n = int((load_dataset(args.dataset).metadata["split"] == "train").sum())
-            privacy = make_strategy(DPConfig(target_epsilon=10.0, accountant="rdp"), dataset_size=n)
+            privacy = build_strategy(DPConfig(target_epsilon=10.0, accountant="rdp"), dataset=Path(args.dataset),
+                                     noise_multiplicity=config.noise_multiplicity)
         out = Path(args.result).with_suffix(".model")
         train(Path(args.dataset), out, config, privacy=privacy, progress=False,
               on_step=lambda step, loss: stamps.append(time.perf_counter()))

@@ -97,8 +97,8 @@ def make_step(torch, cfg, *, mode: str, batch: int, k: int):
         from privacy import grad_sample
 
         strategy = make_strategy(
-            DPConfig(target_epsilon=8.0, noise_multiplicity=k, grad_sample_mode=_DP_MODE.get(mode, mode)),
-            dataset_size=n,
+            DPConfig(target_epsilon=8.0, grad_sample_mode=_DP_MODE.get(mode, mode)), dataset_size=n,
+            noise_multiplicity=k,
         )
         if mode == "hooks_opacus":
             # Keep Opacus' hooks even where privacy.dp installs synthgate's (it falls back on False).

@@ -32,19 +32,23 @@ def ingest_cmd(
     seed: Annotated[int, typer.Option(help="Seed for split assignment when the CSV has none.")] = 0,
 ) -> None:
     """Read a real image set into synthgate's canonical form (images.npy, metadata.parquet, dataset.json)."""
+    from synth.config import build
     from synth.data.canonical import load_dataset
-    from synth.data.ingest import SourceFormat, ingest
+    from synth.data.ingest import SourceFormat
+    from synth.data.ingest_config import IngestConfig, ingest_with
 
     try:
-        fmt_value = SourceFormat(fmt)
+        SourceFormat(fmt)
     except ValueError:
         raise typer.BadParameter(f"unknown format {fmt!r}", param_hint="--format") from None
+    settings = {
+        "path": source, "csv": csv, "format": fmt, "size": size, "channels": channels,
+        "classes": [c.strip() for c in classes.split(",")] if classes else None, "window": window,
+        "duplicates": duplicates, "license": license, "attribution": attribution, "seed": seed,
+    }
+    config = build(IngestConfig, settings, source="command line")
     with console.status(f"ingesting {source}"):
-        path = ingest(
-            source, out, csv=csv, fmt=fmt_value, size=size, channels=channels,
-            class_names=[c.strip() for c in classes.split(",")] if classes else None, window=window,
-            duplicate_policy=duplicates, license=license, attribution=attribution, seed=seed,
-        )
+        path = ingest_with(config, out)
     header = load_dataset(path).header
     console.print(f"[green]wrote[/] {path}  ({header['counts']['total']} images, hash {header['content_hash'][:12]})")
     print_counts(header)

@@ -50,16 +50,16 @@ def load_release_config(config: Path | None, **overrides: object):
 
 def with_scale_out(cfg, **flags: object):
     """The config with the command line's runner and training-launch flags applied over the file's sections."""
-    from flows.release_config import RunnerSettings, TrainingLaunchSettings
+    from flows.release_config import LaunchSettings, RunnerSettings
     from synth.config import build
 
     runner = {k: v for k, v in flags.items() if k in ("kind", "address", "workers", "shards") and v is not None}
-    training = {"nproc": flags["nproc"]} if flags.get("nproc") is not None else {}
+    launch = {"nproc": flags["nproc"]} if flags.get("nproc") is not None else {}
     if runner:
         runner = build(RunnerSettings, {**cfg.runner.model_dump(), **runner}, source="command line")
-    if training:
-        training = build(TrainingLaunchSettings, {**cfg.training.model_dump(), **training}, source="command line")
-    return cfg.model_copy(update={k: v for k, v in (("runner", runner), ("training", training)) if v})
+    if launch:
+        launch = build(LaunchSettings, {**cfg.launch.model_dump(), **launch}, source="command line")
+    return cfg.model_copy(update={k: v for k, v in (("runner", runner), ("launch", launch)) if v})
 
 
 def release_cmd(

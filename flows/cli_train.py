@@ -1,20 +1,21 @@
 """`synthgate train`: train the class-conditional DDPM (optionally with DP-SGD) on a canonical dataset, in this
-process or (`--nproc N`) in N processes started with torchrun (`synth.distributed`)."""
+process or (`--nproc N`) in N processes started with torchrun (`flows.distributed`)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from synth.errors import ConfigError, InputError, where
+from synth.errors import ConfigError, InputError
 
 console = Console(highlight=False, soft_wrap=True)  # paths and commands stay copy-pasteable
 
-_DP_ONLY = ("epsilon", "delta", "max_grad_norm", "accountant", "max_physical_batch_size")
+# DPConfig field → the flag that sets it (flags keep the short names; the config accepts both).
+_FLAGS = {"target_epsilon": "--epsilon", "target_delta": "--delta", "max_grad_norm": "--max-grad-norm",
+          "accountant": "--accountant", "max_physical_batch_size": "--max-physical-batch-size"}
 
 
 def train_cmd(
@@ -64,15 +65,14 @@ def train_cmd(
     if nproc == 1 and backend != "auto":
         raise ConfigError(f"--backend {backend} only applies with --nproc > 1")
     dp_values = {
-        "epsilon": epsilon, "delta": delta, "max_grad_norm": max_grad_norm, "accountant": accountant,
+        "target_epsilon": epsilon, "target_delta": delta, "max_grad_norm": max_grad_norm, "accountant": accountant,
         "max_physical_batch_size": max_physical_batch_size,
     }
+    dp_config = _dp_config(dp_values) if dp else None
     if not dp:
-        given = [f"--{k.replace('_', '-')}" for k in _DP_ONLY if dp_values[k] is not None]
+        given = [_FLAGS[k] for k, v in dp_values.items() if v is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} only apply with --dp")
-    else:
-        _check_dp_flags(epsilon, delta, max_grad_norm)
 
     from synth.train_config import load_train_config
 
@@ -83,23 +83,16 @@ def train_cmd(
     }
     train_config = load_train_config(preset=preset, config_file=config, overrides=overrides)
 
-    strategy = None
-    if dp:
-        strategy = _make_strategy(
-            dataset, train_config.noise_multiplicity, epsilon=epsilon, delta=delta, max_grad_norm=max_grad_norm,
-            accountant=accountant, max_physical_batch_size=max_physical_batch_size,
-        )
-
     if nproc > 1:
-        from synth.distributed import launch_training
+        from flows.distributed import launch_training
 
-        # Each worker builds its own strategy from the config (the one built here has checked it early).
-        path = launch_training(dataset, out, train_config, nproc=nproc, backend=backend,
-                               dp=strategy.config.to_dict() if strategy is not None else None,
+        # The workers build their strategies from this same config (Opacus' objects do not cross processes).
+        path = launch_training(dataset, out, train_config, nproc=nproc, backend=backend, dp=dp_config,
                                resume=resume, checkpoint_dir=checkpoint_dir, progress=progress)
     else:
         from synth.training import train
 
+        strategy = _strategy(dp_config, dataset, train_config.noise_multiplicity) if dp_config else None
         path = train(dataset, out, train_config, privacy=strategy, progress=progress, resume=resume,
                      checkpoint_dir=checkpoint_dir)
 
@@ -115,37 +108,27 @@ def train_cmd(
     return 0
 
 
-def _check_dp_flags(epsilon: float | None, delta: float | None, max_grad_norm: float | None) -> None:
-    if epsilon is None:
+def _dp_config(values: dict[str, object]):  # -> privacy.dp_config.DPConfig
+    """The DP flags as the one `DPConfig` (its validation, with the flags' names in the message)."""
+    if values["target_epsilon"] is None:
         raise ConfigError("--dp needs --epsilon (the privacy budget for the whole run, e.g. --epsilon 8)")
-    if not (math.isfinite(epsilon) and epsilon > 0):
-        raise ConfigError(f"--epsilon {epsilon} must be a finite number > 0")
-    if delta is not None and not 0 < delta < 1:
-        raise ConfigError(f"--delta {delta} must be in (0, 1)")
-    if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
-        raise ConfigError(f"--max-grad-norm {max_grad_norm} must be a finite number > 0")
+    from privacy.dp_config import DPConfig
 
-
-def _make_strategy(dataset: Path, k: int, **dp_args):  # -> privacy.dp.DPStrategy
     try:
-        from privacy.dp import DPConfig, make_strategy
+        return DPConfig(**{k: v for k, v in values.items() if v is not None})
+    except ConfigError as e:
+        message = str(e).removeprefix("DP config: ")
+        for field, flag in _FLAGS.items():
+            message = message.replace(field, flag)
+        raise ConfigError(message) from None
+
+
+def _strategy(config, dataset: Path, k: int):  # -> privacy.dp.DPStrategy
+    try:
+        from privacy.dp import build_strategy
     except ImportError as e:
         raise InputError(f"--dp needs privacy.dp, which cannot be imported ({e})") from None
-    from synth.data.canonical import load_dataset
-
-    meta = load_dataset(dataset).metadata
-    n = int((meta["split"] == "train").sum())
-    if n == 0:
-        raise InputError(where(dataset, "has no 'train' split to train on"))
-    kwargs = {
-        "target_epsilon": dp_args["epsilon"],
-        "noise_multiplicity": k,
-        **{key: dp_args[key] for key in ("max_grad_norm", "accountant", "max_physical_batch_size")
-           if dp_args[key] is not None},
-    }
-    if dp_args["delta"] is not None:
-        kwargs["target_delta"] = dp_args["delta"]
-    return make_strategy(DPConfig(**kwargs), dataset_size=n)
+    return build_strategy(config, dataset=dataset, noise_multiplicity=k)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,45 +6,36 @@ Every stage's settings live here, with defaults that run the whole release on 2 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flows.policy import Policy
+from privacy.dp_config import DPConfig
 from synth.config import build, load_yaml
+from synth.data.ingest_config import IngestConfig
 from synth.train_config import TrainConfig
 
 
-class SourceSettings(BaseModel):
-    """What to ingest (see `synthgate ingest`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class SourceSettings(IngestConfig):
+    """What to ingest (`synthgate ingest`'s settings, `IngestConfig`), and the validation stage's class minimum."""
 
     path: str = Field("pneumoniamnist", description="An .npz, a known MedMNIST name, or an image/DICOM folder")
-    csv: Path | None = None
-    format: Literal["auto", "medmnist", "imagefolder", "dicom"] = "auto"
-    size: int | None = Field(None, ge=8)
-    channels: Literal[1, 3] | None = None
-    classes: list[str] | None = Field(None, description="class names in label order (default: from the source)")
-    license: str | None = Field(None, description="license of the source data (default: from the source)")
-    attribution: str | None = None
-    duplicates: Literal["collapse", "keep"] = "collapse"
     min_per_class: int = Field(10, ge=0)
 
 
-class DPSettings(BaseModel):
-    """Differentially private training (DP-SGD with Opacus). Off by default."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class DPSettings(DPConfig):
+    """Differentially private training (DP-SGD with Opacus): `DPConfig`'s fields (`epsilon`/`delta` accepted as
+    aliases), `enabled` (off by default) and a default ε target. K is `train.noise_multiplicity`."""
 
     enabled: bool = False
-    epsilon: float = Field(10.0, gt=0)
-    delta: float | None = Field(None, gt=0, lt=1, description="default: below 1/N")
-    max_grad_norm: float = Field(1.0, gt=0)
-    noise_multiplicity: int = Field(1, ge=1)
-    accountant: Literal["prv", "rdp"] = "prv"
-    max_physical_batch_size: int | None = Field(None, ge=1)
+    target_epsilon: float = Field(10.0, validation_alias=AliasChoices("target_epsilon", "epsilon"))
+
+    def config(self) -> DPConfig:
+        """The trainer's DP config (these settings without `enabled`)."""
+        return DPConfig(**self.model_dump(exclude={"enabled"}))
 
 
 class GenerateSettings(BaseModel):
@@ -124,9 +115,10 @@ class RunnerSettings(BaseModel):
         return 1 if self.kind == "threads" else self.workers
 
 
-class TrainingLaunchSettings(BaseModel):
-    """How the generator is trained: in the flow's process, or across processes/GPUs with torchrun (DDP; DPDDP
-    when private). The global batch, the steps and the DP accounting are those of a single-process run."""
+class LaunchSettings(BaseModel):
+    """How the generator's training is launched: in the flow's process, or across processes/GPUs with torchrun
+    (DDP; DPDDP when private). The global batch, the steps and the DP accounting are those of a single-process
+    run. (Called `training:` before; that name is still read, with a deprecation warning.)"""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -161,7 +153,12 @@ class ReleaseConfig(BaseModel):
     policy: Policy = Policy()
     approval: ApprovalSettings = ApprovalSettings()
     runner: RunnerSettings = RunnerSettings()
-    training: TrainingLaunchSettings = TrainingLaunchSettings()
+    launch: LaunchSettings = LaunchSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return _migrate(data) if isinstance(data, dict) else data
 
     @field_validator("train", mode="before")
     @classmethod
@@ -194,3 +191,33 @@ class ReleaseConfig(BaseModel):
         data = load_yaml(path)
         data.update({k: v for k, v in overrides.items() if v is not None})
         return build(cls, data, source=path)
+
+
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Old spellings, read with a one-line deprecation warning: `training:` (now `launch:`) and
+    `dp.noise_multiplicity` (K is a training setting, so one place holds it: `train.noise_multiplicity`)."""
+    data = dict(data)
+    if "training" in data:
+        if "launch" in data:
+            raise ValueError("give `launch:` only (`training:` is its old name)")
+        _deprecated("`training:` is now `launch:`; rename the section")
+        data["launch"] = data.pop("training")
+    dp = data.get("dp")
+    if isinstance(dp, dict) and "noise_multiplicity" in dp:
+        dp = dict(dp)
+        k = dp.pop("noise_multiplicity")
+        train = data.get("train")
+        had = train.noise_multiplicity if isinstance(train, TrainConfig) else (train or {}).get("noise_multiplicity")
+        if had is not None and had != k:
+            raise ValueError(f"dp.noise_multiplicity {k!r} differs from train.noise_multiplicity {had!r}; "
+                             "set it once, in train:")
+        if had is None:
+            train = dict(train or {})
+            train["noise_multiplicity"] = k
+        _deprecated("`dp.noise_multiplicity` is now `train.noise_multiplicity` (it applies with or without DP)")
+        data["dp"], data["train"] = dp, train
+    return data
+
+
+def _deprecated(message: str) -> None:
+    warnings.warn(f"release config: {message}", FutureWarning, stacklevel=2)

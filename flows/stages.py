@@ -129,17 +129,13 @@ def with_absolute_paths(cfg: ReleaseConfig) -> ReleaseConfig:
 
 def ingest_stage(cfg: ReleaseConfig) -> Path:
     """The real dataset, in canonical form."""
-    from synth.data.ingest import ingest
+    from synth.data.ingest_config import ingest_with
 
     src = cfg.source
     source_id = _source_identity(src.path, src.csv)
     return run_stage(
         cfg.workdir, DATASET, inputs={"source": source_id}, config=src.model_dump(mode="json"),
-        build=lambda out: ingest(
-            src.path, out, csv=src.csv, fmt=src.format, size=src.size, channels=src.channels,
-            class_names=src.classes, duplicate_policy=src.duplicates, license=src.license,
-            attribution=src.attribution,
-        ),
+        build=lambda out: ingest_with(src, out),
     )
 
 
@@ -186,14 +182,18 @@ def train_stage(cfg: ReleaseConfig, dataset: Path) -> Path:
 
     def build(out: Path) -> Path:
         ckpt = out.parent / f"{out.name}.ckpt"
-        if cfg.training.nproc > 1:
-            from synth.distributed import launch_training
+        dp = cfg.dp.config() if cfg.dp.enabled else None
+        if cfg.launch.nproc > 1:
+            from flows.distributed import launch_training
 
-            return launch_training(dataset, out, train_cfg, nproc=cfg.training.nproc,
-                                   dp=_dp_config(cfg).to_dict() if cfg.dp.enabled else None,
-                                   backend=cfg.training.backend, resume=ckpt.exists(), checkpoint_dir=ckpt,
+            return launch_training(dataset, out, train_cfg, nproc=cfg.launch.nproc, dp=dp,
+                                   backend=cfg.launch.backend, resume=ckpt.exists(), checkpoint_dir=ckpt,
                                    progress=_interactive())
-        privacy = _dp_strategy(cfg, dataset) if cfg.dp.enabled else None
+        privacy = None
+        if dp is not None:
+            from privacy.dp import build_strategy
+
+            privacy = build_strategy(dp, dataset=dataset, noise_multiplicity=train_cfg.noise_multiplicity)
         return train(dataset, out, train_cfg, privacy=privacy, resume=ckpt.exists(), checkpoint_dir=ckpt,
                      progress=_interactive())
 
@@ -205,23 +205,6 @@ def _interactive() -> bool:
     their bars would garble each other. Their progress is logged instead (`synth.progress`: throttled lines that
     `flows.release` routes to stderr and to the run's Prefect logs)."""
     return False
-
-
-def _dp_config(cfg: ReleaseConfig) -> Any:
-    from privacy.dp import DPConfig
-
-    dp = cfg.dp
-    return DPConfig(target_epsilon=dp.epsilon, target_delta=dp.delta, max_grad_norm=dp.max_grad_norm,
-                    accountant=dp.accountant, noise_multiplicity=dp.noise_multiplicity,
-                    max_physical_batch_size=dp.max_physical_batch_size)
-
-
-def _dp_strategy(cfg: ReleaseConfig, dataset: Path) -> Any:
-    from privacy.dp import make_strategy
-    from synth.data.canonical import load_dataset
-
-    n_train = int(load_dataset(dataset).header["counts"]["train"])
-    return make_strategy(_dp_config(cfg), dataset_size=n_train)
 
 
 def _generation_config(cfg: ReleaseConfig) -> dict[str, Any]:

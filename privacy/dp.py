@@ -1,4 +1,5 @@
-"""DP-SGD for the diffusion trainer: a `DPConfig`, and a `DPStrategy` implementing synth's privacy-strategy protocol.
+"""DP-SGD for the diffusion trainer: `build_strategy` turns a `DPConfig` (`privacy.dp_config`) into a `DPStrategy`
+implementing synth's privacy-strategy protocol.
 
 `synth.training` never imports this package; it receives a strategy object with this shape:
 
@@ -30,34 +31,23 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
+from privacy.dp_config import DEFAULT_GRAD_SAMPLE_MODE, GRAD_SAMPLE_MODES, DPConfig
 from privacy.grad_sample import (
     fold_noise_multiplicity,
     install_contiguity_guard,
     use_fast_grad_samples,
     use_grouped_conv_sampler,
 )
-from privacy.ledger import ACCOUNTANTS, build_ledger, epsilon_for_events, events_from_history
-from synth.errors import ConfigError, where
+from privacy.ledger import build_ledger, epsilon_for_events, events_from_history
+from synth.errors import ConfigError, InputError, where
 
-# Per-sample gradient modes, all checked against an autograd loop for the shipped UNets (tests/test_dp.py):
-#   "hooks"        synthgate's per-sample hooks in place of Opacus' (privacy.grad_sample.use_fast_grad_samples):
-#                  no discarded batch weight gradients, nn.Conv2d per-sample gradients from one grouped
-#                  convolution backward (layout-safe, no unfold), the K draws of an example averaged as its
-#                  gradient is computed. Fastest by measurement.
-#   "hooks_unfold" Opacus hooks with Opacus' own unfold-based Conv2d sampler + the Conv2d contiguity guard.
-#   "functorch"    Opacus functorch (per-layer vmap; redoes each layer's forward).
-# "ew" fails on diffusers; "ghost" clips per row from a per-row loss, so it can neither take the trainer's
-# `loss.mean()` nor fold K draws into one example.
-GRAD_SAMPLE_MODES = ("hooks", "hooks_unfold", "functorch")
-DEFAULT_GRAD_SAMPLE_MODE = "hooks"
+__all__ = ["DEFAULT_GRAD_SAMPLE_MODE", "GRAD_SAMPLE_MODES", "DPConfig", "DPStrategy", "build_strategy",
+           "default_delta", "make_strategy", "resolve_delta"]
+
 _OPACUS_MODE = {"hooks": "hooks", "hooks_unfold": "hooks", "functorch": "functorch"}
-_REFUSED_MODES = {
-    "ew": "fails on diffusers UNets (ExpandedWeights cannot handle is_floating_point)",
-    "ghost": "needs a per-row loss and clips B×K rows separately, so noise multiplicity cannot be folded",
-}
 _CFG = "DP config"
 
 
@@ -69,85 +59,9 @@ def default_delta(dataset_size: int) -> float:
     return 10.0 ** -len(str(10 * dataset_size - 1))
 
 
-@dataclass(frozen=True, kw_only=True)
-class DPConfig:
-    """DP-SGD settings (keyword-only, frozen).
-
-    target_epsilon: ε for the whole planned run; σ is calibrated to reach it after the planned steps.
-    target_delta: None means `default_delta(N)`, decided in `make_strategy`; must be < 1/N.
-    max_grad_norm: clipping norm C of each example's (K-averaged) gradient.
-    accountant: "prv" (tight, default) or "rdp".
-    noise_multiplicity: K noise/timestep draws per example per step (the trainer repeats each example K times).
-    poisson_sampling: must stay True (the reported ε assumes it).
-    max_physical_batch_size: split logical (Poisson) batches into chunks of at most this many *examples*
-        (K·this many rows go through the model at once); None = no splitting. With W processes each computes
-        its ~1/W slice of every chunk (the chunks, and so the run, are those of one process).
-    grad_sample_mode: "hooks" (default, fastest), "hooks_unfold" or "functorch"; see GRAD_SAMPLE_MODES.
-    """
-
-    target_epsilon: float
-    target_delta: float | None = None
-    max_grad_norm: float = 1.0
-    accountant: str = "prv"
-    noise_multiplicity: int = 1
-    poisson_sampling: bool = True
-    max_physical_batch_size: int | None = None
-    grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE
-
-    def __post_init__(self) -> None:
-        def positive(name: str, value: Any) -> None:
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            if not (ok and math.isfinite(value) and value > 0):
-                raise ConfigError(where(_CFG, f"{name} {value!r} must be a finite number > 0"))
-
-        def count(name: str, value: Any) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(where(_CFG, f"{name} {value!r} must be an integer >= 1"))
-
-        positive("target_epsilon", self.target_epsilon)
-        positive("max_grad_norm", self.max_grad_norm)
-        if self.target_delta is not None:
-            positive("target_delta", self.target_delta)
-            if self.target_delta >= 1:
-                raise ConfigError(where(_CFG, f"target_delta {self.target_delta!r} must be < 1"))
-        if self.accountant not in ACCOUNTANTS:
-            raise ConfigError(where(_CFG, f"accountant {self.accountant!r} is not one of {', '.join(ACCOUNTANTS)}"))
-        count("noise_multiplicity", self.noise_multiplicity)
-        if self.max_physical_batch_size is not None:
-            count("max_physical_batch_size", self.max_physical_batch_size)
-        if self.poisson_sampling is not True:
-            raise ConfigError(
-                where(
-                    _CFG,
-                    f"poisson_sampling {self.poisson_sampling!r}: shuffled batches do not get the "
-                    "Poisson-subsampling ε the accountant reports (Chua et al. 2024); keep poisson_sampling=true",
-                )
-            )
-        if self.grad_sample_mode in _REFUSED_MODES:
-            reason = _REFUSED_MODES[self.grad_sample_mode]
-            raise ConfigError(where(_CFG, f"grad_sample_mode {self.grad_sample_mode!r} {reason}"))
-        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ConfigError(
-                where(_CFG, f"grad_sample_mode {self.grad_sample_mode!r} is not one of {GRAD_SAMPLE_MODES}")
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DPConfig:
-        """Build from a mapping (a YAML/JSON section); unknown keys are refused."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(where(_CFG, f"unknown keys {unknown}; known: {sorted(known)}"))
-        if "target_epsilon" not in d:
-            raise ConfigError(where(_CFG, "target_epsilon is required"))
-        return cls(**d)
-
-
-def make_strategy(config: DPConfig, *, dataset_size: int) -> DPStrategy:
-    """A DP strategy for a training set of `dataset_size` examples (fixes δ: default or checked < 1/N)."""
+def resolve_delta(config: DPConfig, *, dataset_size: int) -> float:
+    """The run's δ for a training set of `dataset_size` examples: the configured one, checked < 1/N, or
+    `default_delta(N)`. Cheap (no Opacus): launchers call it to refuse a bad δ before starting workers."""
     if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
         raise ConfigError(where(_CFG, f"dataset_size {dataset_size!r} must be an integer >= 1"))
     delta = config.target_delta if config.target_delta is not None else default_delta(dataset_size)
@@ -159,19 +73,45 @@ def make_strategy(config: DPConfig, *, dataset_size: int) -> DPStrategy:
                 "publishes one random record meets such a δ; use δ well below 1/N",
             )
         )
-    return DPStrategy(config, dataset_size=dataset_size, target_delta=delta)
+    return delta
+
+
+def build_strategy(config: DPConfig, *, dataset: Path, noise_multiplicity: int) -> DPStrategy:
+    """The DP strategy for training on the canonical dataset at `dataset` with the train config's K: the one way
+    the CLI, the release flow and every torchrun worker turn a `DPConfig` into a strategy (N is the number of
+    rows of the train split, what the trainer's loader iterates)."""
+    return make_strategy(config, dataset_size=train_split_size(dataset), noise_multiplicity=noise_multiplicity)
+
+
+def train_split_size(dataset: Path) -> int:
+    """N: the train split's row count (refused when there is none)."""
+    from synth.data.canonical import load_dataset
+
+    n = load_dataset(dataset).split_size("train")
+    if n == 0:
+        raise InputError(where(dataset, "has no 'train' split to train on"))
+    return n
+
+
+def make_strategy(config: DPConfig, *, dataset_size: int, noise_multiplicity: int = 1) -> DPStrategy:
+    """A DP strategy for a training set of `dataset_size` examples, each drawn `noise_multiplicity` (K) times per
+    step (the train config's K; fixes δ: default or checked < 1/N)."""
+    if isinstance(noise_multiplicity, bool) or not isinstance(noise_multiplicity, int) or noise_multiplicity < 1:
+        raise ConfigError(where(_CFG, f"noise_multiplicity {noise_multiplicity!r} must be an integer >= 1"))
+    delta = resolve_delta(config, dataset_size=dataset_size)
+    return DPStrategy(config, dataset_size=dataset_size, target_delta=delta, noise_multiplicity=noise_multiplicity)
 
 
 class DPStrategy:
     """Opacus DP-SGD behind the trainer's privacy-strategy protocol. Build it with `make_strategy`."""
 
-    def __init__(self, config: DPConfig, *, dataset_size: int, target_delta: float):
+    def __init__(self, config: DPConfig, *, dataset_size: int, target_delta: float, noise_multiplicity: int = 1):
         from opacus import PrivacyEngine
 
         self.config = config
         self.dataset_size = dataset_size
         self.target_delta = target_delta
-        self.noise_multiplicity = config.noise_multiplicity
+        self.noise_multiplicity = noise_multiplicity
         self.noise_multiplier: float | None = None
         self.sample_rate: float | None = None
         self.batch_size: int | None = None

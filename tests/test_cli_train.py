@@ -113,3 +113,4 @@ def test_dp_training_from_the_cli(pneumonia_slice: Path, tmp_path: Path) -> None
     assert 0 < privacy["epsilon"] <= 10 + 1e-6 and privacy["delta"] < 1 / 64
     ledger = json.loads((out / "privacy_ledger.json").read_text())
     assert ledger["noise_multiplicity"] == 2 and ledger["steps"] == 2
+    assert ledger["target_epsilon"] == 10.0  # the --epsilon given, through the one DPConfig

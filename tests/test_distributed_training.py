@@ -1,6 +1,6 @@
 """Multi-process training: 2 CPU processes (torchrun, gloo) against one process with the same global batch.
 
-What must hold (synth.training, synth.distributed, privacy.dp): each rank computes its slice of the global batch a
+What must hold (synth.training, flows.distributed, privacy.dp): each rank computes its slice of the global batch a
 single process would draw, with the same per-row noise and timesteps, so the weights equal the one-process run's
 up to float summation order; with DP-SGD the one ledger (rank 0's) has the single-process σ, q, steps, δ and ε.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from flows.distributed import WorkerFailed, launch_training
 from privacy.dp import DPConfig, make_strategy
 from synth.artifacts import read_header
 from synth.checkpoint import default_checkpoint_dir, has_checkpoint
-from synth.distributed import WorkerFailed, launch_training
 from synth.errors import ConfigError
 from synth.train_config import TrainConfig
 from synth.training import World, make_scheduler, per_row_loss, train
@@ -33,7 +33,7 @@ CONFIG = TrainConfig(preset="tiny", batch_size=15, max_steps=6, noise_multiplici
 # and, for odd sizes, one chunk of 1: both ranks compute one example of a 2-chunk, and in a 1-chunk rank 0's slice
 # is empty (it takes the clipped-sum-of-nothing path; counted 5 times in this run). The optimizer accumulates the
 # chunks and steps once per Poisson batch, as in one process.
-DP = DPConfig(target_epsilon=10.0, noise_multiplicity=2, accountant="rdp", max_physical_batch_size=2)
+DP = DPConfig(target_epsilon=10.0, accountant="rdp", max_physical_batch_size=2)
 
 # Tolerances, from measurements on this CPU, with their reasons:
 # Without DP, the two ranks' gradients are summed by an all-reduce instead of inside one backward pass: the same
@@ -147,9 +147,9 @@ def test_ddp_two_processes_equal_one_process(pneumonia_slice: Path, single: Path
 
 @pytest.mark.slow
 def test_dp_two_processes_keep_the_single_process_ledger(pneumonia_slice: Path, tmp_path: Path) -> None:
-    ref = train(pneumonia_slice, tmp_path / "single", CONFIG, privacy=make_strategy(DP, dataset_size=64),
-                progress=False)
-    out = launch_training(pneumonia_slice, tmp_path / "model", CONFIG, nproc=2, threads=1, dp=DP.to_dict())
+    ref = train(pneumonia_slice, tmp_path / "single", CONFIG,
+                privacy=make_strategy(DP, dataset_size=64, noise_multiplicity=2), progress=False)
+    out = launch_training(pneumonia_slice, tmp_path / "model", CONFIG, nproc=2, threads=1, dp=DP)
     ledger, ref_ledger = (json.loads((m / "privacy_ledger.json").read_text()) for m in (out, ref))
     for key in ("events", "steps", "delta", "epsilon", "accountant", "max_grad_norm", "noise_multiplicity",
                 "dataset_size", "batch_size"):
@@ -164,12 +164,12 @@ def test_dp_two_processes_keep_the_single_process_ledger(pneumonia_slice: Path, 
 
 
 FAULTY_WORKER = '''
-"""synth.distributed's worker, except that rank 1 raises at its third step."""
+"""flows.distributed's worker, except that rank 1 raises at its third step."""
 import os
 import sys
 
 import synth.training as training
-from synth import distributed
+from flows import distributed
 
 if os.environ.get("RANK") == "1":
     real = training.train

@@ -98,7 +98,7 @@ def _attached(cfg, *, k: int, mode: str = "hooks", batch: int = 4, n: int = 16, 
     reference = copy.deepcopy(unet)
     opt = torch.optim.SGD(unet.parameters(), lr=0.1)
     strategy = make_strategy(
-        DPConfig(target_epsilon=8.0, noise_multiplicity=k, grad_sample_mode=mode, **extra), dataset_size=n
+        DPConfig(target_epsilon=8.0, grad_sample_mode=mode, **extra), dataset_size=n, noise_multiplicity=k
     )
     model, optimizer, loader = strategy.attach(unet, opt, _loader(n, batch, cfg), epochs=1)
     return strategy, unet, model, optimizer, loader, reference
@@ -392,12 +392,12 @@ def test_resume_refuses_a_different_dp_setup():
     first, _, model, optimizer, _, _ = _attached(cfg, k=2, batch=4, n=16)
     _noise_only_steps(first, model, optimizer, 1)
     state = first.state_dict()
-    other_k: DPStrategy = make_strategy(DPConfig(target_epsilon=8.0, noise_multiplicity=1), dataset_size=16)
+    other_k: DPStrategy = make_strategy(DPConfig(target_epsilon=8.0), dataset_size=16, noise_multiplicity=1)
     with pytest.raises(ConfigError, match="noise_multiplicity 2"):
         other_k.load_state_dict(state)
     # Same K but a different ε target: σ recalibrates differently, so the original ε claim would not hold.
     unet = build_unet(cfg).train()
-    other_eps = make_strategy(DPConfig(target_epsilon=2.0, noise_multiplicity=2), dataset_size=16)
+    other_eps = make_strategy(DPConfig(target_epsilon=2.0), dataset_size=16, noise_multiplicity=2)
     other_eps.load_state_dict(state)
     with pytest.raises(ConfigError, match="noise_multiplier"):
         other_eps.attach(unet, torch.optim.SGD(unet.parameters(), lr=0.1), _loader(16, 4, cfg), epochs=1)

@@ -359,7 +359,7 @@ def test_unet_through_the_dp_strategy_matches_autograd(name, k):
     unet = build_unet(cfg).train()
     reference = copy.deepcopy(unet)
     strategy = make_strategy(
-        DPConfig(target_epsilon=8.0, noise_multiplicity=k, grad_sample_mode="hooks"), dataset_size=n
+        DPConfig(target_epsilon=8.0, grad_sample_mode="hooks"), dataset_size=n, noise_multiplicity=k
     )
     data = TensorDataset(
         torch.zeros(n, cfg.channels, cfg.sample_size, cfg.sample_size), torch.zeros(n, dtype=torch.long)

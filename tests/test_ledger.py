@@ -145,8 +145,8 @@ def _train(strategy, dataset, *, batch: int, epochs: int, k: int, seed: int = 0)
 )
 def test_real_dp_training_ledger_agrees_with_dp_accounting(data_dir, accountant, method):
     dataset = _real_images(data_dir, 64)
-    config = DPConfig(target_epsilon=8.0, accountant=accountant, noise_multiplicity=2, max_physical_batch_size=8)
-    strategy = make_strategy(config, dataset_size=len(dataset))
+    config = DPConfig(target_epsilon=8.0, accountant=accountant, max_physical_batch_size=8)
+    strategy = make_strategy(config, dataset_size=len(dataset), noise_multiplicity=2)
     real_steps = _train(strategy, dataset, batch=16, epochs=2, k=2)
     assert real_steps == 8  # 2 epochs × 64/16 logical batches, split into physical batches of <= 8
 

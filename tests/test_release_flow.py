@@ -394,21 +394,21 @@ def test_release_on_a_dask_local_cluster_equals_the_single_shard_run(released, t
 
 @pytest.mark.slow
 def test_release_trains_with_two_processes_from_its_prefect_task(released, tmp_path):
-    """`training.nproc: 2` makes the release's train task launch torchrun (gloo here) instead of training
+    """`launch.nproc: 2` makes the release's train task launch torchrun (gloo here) instead of training
     in-process; the model directory is the usual one and records the world size."""
     import shutil
 
     from prefect import flow
 
     from flows.release import train_task
-    from flows.release_config import TrainingLaunchSettings
+    from flows.release_config import LaunchSettings
     from synth.pipeline import read_model_card
 
     tmp, cfg, _ = released
     work = tmp_path / "work"
     (work / ".stages").mkdir(parents=True)
     shutil.copytree(tmp / "work" / "dataset", work / "dataset")
-    two = cfg.model_copy(update={"workdir": work, "training": TrainingLaunchSettings(nproc=2, backend="gloo"),
+    two = cfg.model_copy(update={"workdir": work, "launch": LaunchSettings(nproc=2, backend="gloo"),
                                  "train": cfg.train.model_copy(update={"max_steps": 4, "checkpoint_every": None})})
 
     @flow(name="train-only")

@@ -96,7 +96,7 @@ def test_cli_flags_override_the_files_runner_section(tmp_path):
                          nproc=2)
     assert cfg.runner == RunnerSettings(kind="dask", address="tcp://h:8786", workers=4, threads_per_worker=2,
                                         shards=6)
-    assert cfg.training.nproc == 2
+    assert cfg.launch.nproc == 2
 
 
 def test_task_arguments_carry_absolute_paths(monkeypatch, tmp_path):

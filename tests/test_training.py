@@ -519,9 +519,8 @@ def test_dp_training_resumes_exactly(pneumonia_slice: Path, tmp_path: Path, phys
 
     def strategy():
         # rdp: the fastest accountant to calibrate; the trainer does not care which one is used
-        config = dp.DPConfig(target_epsilon=10.0, noise_multiplicity=2, max_physical_batch_size=physical,
-                             accountant="rdp")
-        return dp.make_strategy(config, dataset_size=64)
+        config = dp.DPConfig(target_epsilon=10.0, max_physical_batch_size=physical, accountant="rdp")
+        return dp.make_strategy(config, dataset_size=64, noise_multiplicity=2)
 
     config = cfg(noise_multiplicity=2)
     full = train(pneumonia_slice, tmp_path / "full", config, privacy=strategy(), progress=False)

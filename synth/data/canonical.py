@@ -148,6 +148,10 @@ class Dataset:
     def metadata(self) -> pd.DataFrame:
         return pd.read_parquet(self.root / METADATA)
 
+    def split_size(self, name: str) -> int:
+        """Rows of one split in the metadata (the examples `split(name)` returns): the one way N is counted."""
+        return int((self.metadata["split"] == name).sum())
+
     def split(self, name: str) -> tuple[np.ndarray, pd.DataFrame]:
         """Images (loaded into memory) and metadata rows of one split."""
         mask = (self.metadata["split"] == name).to_numpy()

@@ -1,14 +1,15 @@
 """Multi-process training: `launch_training` starts torchrun, and this module is the worker torchrun runs.
 
     launch_training(dataset, out, config, nproc=2)          # from Python (the CLI's `train --nproc`, a Prefect task)
-    torchrun --nproc-per-node 4 -m synth.distributed DATASET --out MODEL [--config FILE] [--dp-config JSON]
+    torchrun --nproc-per-node 4 -m flows.distributed DATASET --out MODEL [--config FILE] [--dp-config JSON]
 
 Every worker calls `synth.training.train` inside an initialised process group: each rank computes its slice of the
 same global batch a single process would train on (see `synth.training`), rank 0 writes checkpoints and the model
-directory (atomically, the same layout as a single-process run). With `--dp-config` each worker builds its own
-DP-SGD strategy (`privacy.dp`, imported inside `_privacy_strategy` only: `synth` does not depend on `privacy` at
-import time; the strategy is built per process because Opacus' wrapped objects cannot be shipped between
-processes), and the strategy switches to Opacus' distributed DP-SGD with one ledger, rank 0's.
+directory (atomically, the same layout as a single-process run). With `--dp-config` every worker receives the
+launcher's `privacy.dp_config.DPConfig` (as its JSON) and turns it into its strategy with `privacy.dp.build_strategy`,
+as a single-process run does (one strategy per process: Opacus' wrapped objects cannot be shipped between
+processes); the strategy switches to Opacus' distributed DP-SGD with one ledger, rank 0's. This module lives in
+`flows` because it wires DP (privacy) into the trainer (synth), which never imports privacy.
 
 Failures: a worker that raises writes a one-line JSON report (rank, exception type, message) to the launcher's
 run folder; `launch_training` raises `WorkerFailed` (or the worker's own `SynthgateError` class) naming the rank
@@ -37,12 +38,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from privacy.dp_config import DPConfig
 from synth import errors
 from synth.errors import ConfigError, InputError, SynthgateError, where
 from synth.train_config import TrainConfig
 
 BACKENDS = ("auto", "gloo", "nccl")
-WORKER = "synth.distributed"
+WORKER = "flows.distributed"
 _LOG = "torchrun.log"
 _CONSOLE = "console.txt"  # rank 0's stderr (progress bar, interrupt notices), echoed by the launcher
 _ERRORS = "errors"  # one <rank>.json per worker that raised
@@ -80,7 +82,7 @@ def launch_training(
     config: TrainConfig,
     *,
     nproc: int,
-    dp: dict | None = None,
+    dp: DPConfig | None = None,
     backend: str = "auto",
     resume: bool = False,
     checkpoint_dir: Path | None = None,
@@ -92,7 +94,8 @@ def launch_training(
     """Train with `nproc` local processes (torchrun, standalone rendezvous) and return `out`, the model directory
     rank 0 wrote (same layout as `synth.training.train`).
 
-    `dp` is `privacy.dp.DPConfig` as a dict (`DPConfig.to_dict()`); each worker builds its strategy from it.
+    `dp`: train with DP-SGD to this config; every worker builds its strategy from it (`privacy.dp.build_strategy`,
+    with `config.noise_multiplicity` and N counted in the dataset), and δ is checked against N here first.
     `backend`: see `resolve_backend`. `resume`/`checkpoint_dir` as in `train`. `progress` shows rank 0's progress
     bar on this process's stderr (rank 0's other messages, such as where a checkpoint went, are always shown).
     `timeout_s`: stop the workers (they checkpoint at the next step) and raise after this many seconds.
@@ -110,8 +113,8 @@ def launch_training(
         raise ConfigError(where("train launcher", f"timeout_s {timeout_s!r} must be a number > 0"))
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(where("train launcher", f"threads {threads!r} must be an integer >= 1"))
-    if dp is not None and not isinstance(dp, dict):
-        raise ConfigError(where("train launcher", f"dp must be a dict (DPConfig.to_dict()), not {type(dp).__name__}"))
+    if dp is not None and not isinstance(dp, DPConfig):
+        raise ConfigError(where("train launcher", f"dp must be a privacy.dp_config.DPConfig, not {type(dp).__name__}"))
     resolved = resolve_backend(backend, nproc, device=config.device)
     if not dataset.is_dir():
         raise InputError(where(dataset, "is not a directory (expected a canonical dataset)"))
@@ -119,6 +122,10 @@ def launch_training(
         raise InputError(where(out, "already exists; choose another --out or remove it"))
     if not out.parent.is_dir():
         raise InputError(where(out.parent, "output's parent directory does not exist"))
+    if dp is not None:
+        from privacy.dp import resolve_delta, train_split_size
+
+        resolve_delta(dp, dataset_size=train_split_size(dataset))  # a bad δ fails here, not in every worker
     from synth.checkpoint import default_checkpoint_dir, has_checkpoint
 
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
@@ -136,7 +143,7 @@ def launch_training(
             "--error-dir", str(run_dir / _ERRORS), "--console-file", str(run_dir / _CONSOLE),
             "--progress" if progress else "--no-progress"]
     if dp is not None:
-        args += ["--dp-config", json.dumps(dp)]
+        args += ["--dp-config", dp.model_dump_json()]
     if resume:
         args.append("--resume")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
@@ -259,7 +266,7 @@ def _last_line(path: Path) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="torchrun [...] -m synth.distributed",
+        prog="torchrun [...] -m flows.distributed",
         description="One training worker of a multi-process run (start it with torchrun, or use `synthgate train "
                     "--nproc N`). Every rank gets the same arguments.",
     )
@@ -267,7 +274,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="model directory to create (rank 0 writes it)")
     p.add_argument("--config", type=Path, help="YAML/JSON file of TrainConfig keys (default: the small preset)")
     p.add_argument("--preset", help="tiny | small | base (wins over the file's preset)")
-    p.add_argument("--dp-config", help="DP-SGD: privacy.dp.DPConfig as JSON, or a path to a JSON/YAML file")
+    p.add_argument("--dp-config", help="DP-SGD: privacy.dp_config.DPConfig as JSON, or a path to a JSON/YAML file")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
     p.add_argument("--checkpoint-dir", type=Path, help="checkpoint folder (default: MODEL.ckpt)")
@@ -287,8 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr = open(args.console_file, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (process-long)
     try:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise InputError(where("synth.distributed", "is a torchrun worker: start it with `torchrun "
-                                                        "--nproc-per-node N -m synth.distributed ...` or use "
+            raise InputError(where("flows.distributed", "is a torchrun worker: start it with `torchrun "
+                                                        "--nproc-per-node N -m flows.distributed ...` or use "
                                                         "`synthgate train --nproc N`"))
         _exit_with_parent()
         if args.threads is not None:
@@ -344,13 +351,13 @@ def _train(args: argparse.Namespace) -> None:
         config = config.model_copy(update={"threads": torch.get_num_threads()})
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
     with process_group(args.backend, device=config.device):
-        privacy = _privacy_strategy(args.dp_config, args.dataset) if args.dp_config else None
+        privacy = _privacy_strategy(args.dp_config, args.dataset, config) if args.dp_config else None
         train(args.dataset, args.out, config, privacy=privacy, progress=progress, resume=args.resume,
               checkpoint_dir=args.checkpoint_dir)
 
 
-def _privacy_strategy(spec: str, dataset: Path) -> Any:
-    """The DP-SGD strategy from `--dp-config` (JSON text or a file), for this process."""
+def _privacy_strategy(spec: str, dataset: Path, config: TrainConfig) -> Any:
+    """This process's DP-SGD strategy, from `--dp-config` (JSON text or a file) and the run's K."""
     text = spec.strip()
     if not text.startswith("{"):
         from synth.config import load_yaml
@@ -363,15 +370,9 @@ def _privacy_strategy(spec: str, dataset: Path) -> Any:
             raise ConfigError(where("--dp-config", f"is not valid JSON ({e})")) from None
     if not isinstance(data, dict):
         raise ConfigError(where("--dp-config", f"must be a JSON object, not {type(data).__name__}"))
-    # Imported here only: synth does not depend on privacy at import time (see the module docstring).
-    from privacy.dp import DPConfig, make_strategy
-    from synth.data.canonical import load_dataset
+    from privacy.dp import build_strategy
 
-    meta = load_dataset(dataset).metadata
-    n = int((meta["split"] == "train").sum())
-    if n == 0:
-        raise InputError(where(dataset, "has no 'train' split to train on"))
-    return make_strategy(DPConfig.from_dict(data), dataset_size=n)
+    return build_strategy(DPConfig.from_dict(data), dataset=dataset, noise_multiplicity=config.noise_multiplicity)
 
 
 def _report(e: BaseException, rank: int, error_dir: Path | None) -> int:
