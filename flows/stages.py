@@ -210,9 +210,9 @@ def _dp_config(cfg: ReleaseConfig) -> Any:
 
 def _dp_strategy(cfg: ReleaseConfig, dataset: Path) -> Any:
     from privacy.dp import make_strategy
-    from synth.data.canonical import load_dataset
+    from synth.data.canonical import load_dataset_header
 
-    n_train = int(load_dataset(dataset).header["counts"]["train"])
+    n_train = load_dataset_header(dataset).counts.split("train")
     return make_strategy(_dp_config(cfg), dataset_size=n_train)
 
 
@@ -228,7 +228,7 @@ def guidance_stage(cfg: ReleaseConfig, dataset: Path, model: Path) -> ReleaseCon
     g = cfg.generate
     if g.guidance_scale != "auto":
         return cfg
-    from reports.guidance import GuidanceSelectionConfig, read_guidance, select_guidance
+    from reports.guidance import GuidanceSelectionConfig, load_guidance, select_guidance
 
     selection = build_config(GuidanceSelectionConfig, g.guidance_selection, "generate.guidance_selection")
     sampler = _generation_config(cfg)["sampler"]
@@ -239,20 +239,17 @@ def guidance_stage(cfg: ReleaseConfig, dataset: Path, model: Path) -> ReleaseCon
         build=lambda out: select_guidance(dataset, model, out, sampler=sampler, steps=g.steps, config=selection,
                                           device=cfg.device, batch_size=g.batch_size, progress=print),
     )
-    chosen = float(read_guidance(out)["guidance_scale"])
+    chosen = load_guidance(out).guidance_scale
     return cfg.model_copy(update={"generate": g.model_copy(update={"guidance_scale": chosen})})
 
 
 def guidance_facts(cfg: ReleaseConfig) -> dict[str, Any] | None:
     """What the guidance selection tried and chose (None when the scale was given, not selected)."""
-    from reports.guidance import read_guidance
+    from reports.guidance import load_guidance
 
     if cfg.generate.guidance_scale != "auto" or not (cfg.workdir / GUIDANCE).is_dir():
         return None
-    h = read_guidance(cfg.workdir / GUIDANCE)
-    return {"guidance_scale": h["guidance_scale"], "objective": h["objective"],
-            "candidates": [{k: c.get(k) for k in ("guidance_scale", "balanced_accuracy", "worst_class_sensitivity")}
-                           for c in h["candidates"]]}
+    return load_guidance(cfg.workdir / GUIDANCE).facts()
 
 
 def generate_stage(cfg: ReleaseConfig, model: Path, *, shard_index: int = 0, shard_count: int = 1) -> Path:
@@ -422,7 +419,7 @@ def gate_inputs(privacy_dir: Path, utility_dir: Path, model: Path, released: Pat
     membership = audit.membership
     # The released set is re-checked on the columns the audit judged released (label + patient attributes).
     disclosure = check_disclosure(rel.metadata, k=audit.disclosure.k, columns=list(audit.disclosure.columns))
-    counts = rel.header["counts"]["per_class"].get("synthetic", {})
+    counts = rel.info.counts.per_class.get("synthetic", {})
     return GateInputs(
         dp=ledger is not None or claim is not None,
         # One ε: the ledger's, which the ledger check recomputes; the card's is compared with it by the gate.
@@ -526,15 +523,14 @@ def release_facts(
         git_commit,
     )
     from reports.utility_result import load_utility_audit
+    from synth.data.canonical import load_dataset_header
 
     audit = load_privacy_audit(privacy_dir)
     utility = load_utility_audit(utility_dir).body()
     mem = audit.memorization
     n_generated = int(audit.counts["synthetic"])
-    n_released = int(read_header(released, layout.DATASET_HEADER)["counts"]["total"])
-
-    generation = read_header(synthetic, layout.DATASET_HEADER)
-    generation_facts = dict(generation.get("config") or {})
+    n_released = load_dataset_header(released).counts.total
+    generation_facts = dict(load_dataset_header(synthetic).config)
     selected = guidance_facts(cfg)
     if selected is not None:
         generation_facts["guidance_selection"] = selected

@@ -106,26 +106,24 @@ class SourceFacts(_Facts):
         from synth.data.canonical import load_dataset
 
         ds = load_dataset(Path(root))
-        h = ds.header
-        src = dict(h.get("source") or {})
-        counts = dict(h.get("counts") or {})
-        per_class = counts.pop("per_class", {})
-        dup = h.get("duplicates") or {}
+        h = ds.info
+        src = dict(h.source)
+        dup = h.duplicates
         return cls(
             name=name or str(src.get("name") or Path(root).name),
             format=str(src.get("format", "unknown")),
             file=src.get("file"),
             file_sha256=src.get("sha256"),
             content_hash=ds.content_hash,
-            license=str(h.get("license") or "unknown"),
-            attribution=str(h.get("attribution") or ""),
+            license=h.license or "unknown",
+            attribution=h.attribution,
             original_source=str(src.get("original_source") or ""),
             class_names=tuple(ds.class_names),
-            counts={k: int(v) for k, v in counts.items()},
-            counts_per_class=per_class,
-            image=ImageSpec(**{k: h["image"][k] for k in ("height", "width", "channels")}),
-            attributes=tuple(h.get("attributes") or ()),
-            has_patient_id=bool(h.get("has_patient_id", False)),
+            counts=h.counts.per_split(),
+            counts_per_class=h.counts.per_class,
+            image=ImageSpec(height=h.image.height, width=h.image.width, channels=h.image.channels),
+            attributes=tuple(h.attributes),
+            has_patient_id=h.has_patient_id,
             duplicates=(
                 DuplicateSummary(**{k: dup[k] for k in DuplicateSummary.model_fields if k in dup})
                 if dup.get("policy")
@@ -393,11 +391,11 @@ class SyntheticFacts(_Facts):
         ds = load_dataset(Path(root))
         meta = ds.metadata
         check_synthetic_only(meta, Path(root))
-        h = ds.header
-        run = dict(h.get("config") or {})
+        h = ds.info
+        run = dict(h.config)
         if generation is None:
             gen = {k: v for k, v in run.items() if k != "model"}
-            conditions = (h.get("generation") or {}).get("conditions")
+            conditions = (h.generation or {}).get("conditions")
             if conditions is not None:
                 gen["conditions"] = conditions
         else:
@@ -412,7 +410,7 @@ class SyntheticFacts(_Facts):
             content_hash=ds.content_hash,
             class_names=tuple(names),
             counts_per_class={n: int((meta["label"] == i).sum()) for i, n in enumerate(names)},
-            image=ImageSpec(**{k: h["image"][k] for k in ("height", "width", "channels")}),
+            image=ImageSpec(height=h.image.height, width=h.image.width, channels=h.image.channels),
             sampler=None if smp is None else str(smp),
             seed_min=None if seeds is None or seeds.empty else int(seeds.min()),
             seed_max=None if seeds is None or seeds.empty else int(seeds.max()),
