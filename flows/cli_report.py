@@ -14,7 +14,6 @@ for the release bundle (no real patient pixels).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -69,10 +68,9 @@ def resolve_inputs(
         if real is None or synthetic is None:
             raise InputError(where(utility, "records no dataset directories; pass --real and --synthetic"))
     if model is None:
-        from synth.artifacts import read_header
-        from synth.layout import DATASET_HEADER
+        from synth.data.canonical import load_dataset_header
 
-        gen = read_header(synthetic, DATASET_HEADER, kind="dataset").get("generation") or {}
+        gen = load_dataset_header(synthetic).generation or {}
         if gen.get("model"):
             if Path(gen["model"]).is_dir():
                 model = Path(gen["model"])
@@ -101,7 +99,8 @@ def report_cmd(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> int:
     """Render the audit report (report.html + summary.json) a data steward reads before approving a release."""
-    from reports.report import HTML, SUMMARY, render_report
+    from reports.report import HTML, render_report
+    from reports.report_summary import load_report_summary
     from synth.errors import InputError, where
 
     if out is None:
@@ -112,12 +111,11 @@ def report_cmd(
         path = render_report(privacy_dir=paths["privacy"], utility_dir=paths["utility"], real_dir=paths["real"],
                              synthetic_dir=paths["synthetic"], model_dir=paths["model"], verdict=paths["verdict"],
                              out=out, public=public, overwrite=overwrite)
-    summary = json.loads((path / SUMMARY).read_text())
-    v = summary.get("verdict")
-    counts = summary.get("status_counts") or {}
-    gate = "gate not evaluated yet" if v is None else f"gate: {v['decision'].upper()}"
-    console.print(f"{gate}; key numbers: {counts.get('red', 0)} red, {counts.get('amber', 0)} amber, "
-                  f"{counts.get('green', 0)} green")
+    summary = load_report_summary(path)
+    v = summary.verdict
+    gate = "gate not evaluated yet" if v is None else f"gate: {v.decision.upper()}"
+    console.print(f"{gate}; key numbers: {summary.count('red')} red, {summary.count('amber')} amber, "
+                  f"{summary.count('green')} green")
     kind = "public report (no real images)" if public else "steward's report (contains real images: do not publish)"
     console.print(f"[green]wrote[/] {kind}: {path / HTML}")
     return 0

@@ -96,9 +96,9 @@ def train_cmd(
         path = train(dataset, out, train_config, privacy=strategy, progress=progress, resume=resume,
                      checkpoint_dir=checkpoint_dir)
 
-    from synth.artifacts import read_header
+    from synth.model_card import read_model_card
 
-    card = read_header(path, "model_card.json", kind="model")
+    card = read_model_card(path, require_weights=False)
     spent = f", ε={card['privacy']['epsilon']:.3g} (δ={card['privacy']['delta']:.1g})" if card["privacy"] else ""
     console.print(
         f"[green]wrote[/] {path}  ({card['steps']} steps, {card['epochs']:.2f} epochs, "

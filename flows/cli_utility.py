@@ -71,9 +71,9 @@ def utility_cmd(
     with console.status("utility audit") as status:
         path = audit_utility(real, synthetic, out, config=cfg, overwrite=overwrite,
                              progress=lambda msg: status.update(msg))
-    import json
+    from reports.utility_result import read_utility_audit
 
-    result = json.loads((path / HEADER).read_text())
+    result = read_utility_audit(path)
     print_summary(result)
     console.print(f"[green]wrote[/] {path / HEADER}")
     return 0

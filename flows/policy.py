@@ -2,18 +2,21 @@
 
 A policy is a YAML mapping of thresholds (see `Policy`). The gate checks every threshold that is set and returns
 all reasons, not just the first: a steward fixing a blocked release needs the whole list. A metric that a policy
-constrains but the run did not measure blocks the release (fail closed).
+constrains but the run did not measure blocks the release (fail closed). The verdict's schema (`Verdict`, `Check`)
+lives in `reports.verdict`, beside its reader, since the report reads it too.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from reports.verdict import Check, Verdict
 from synth.config import build, load_yaml
+
+__all__ = ["Check", "GateInputs", "Policy", "Verdict", "gate"]  # Check and Verdict: the verdict's schema
 
 
 class Policy(BaseModel):
@@ -71,35 +74,6 @@ class GateInputs(BaseModel):
     trts_accuracy: float | None = None
     per_class_counts: dict[str, int] = Field(default_factory=dict)
     disclosure_violations: int | None = None  # attribute combinations released with fewer than k records
-
-
-class Check(BaseModel):
-    """One rule of the gate: what was measured, against what, and whether it passed."""
-
-    model_config = ConfigDict(frozen=True)
-
-    rule: str
-    passed: bool
-    value: float | int | bool | str | None
-    threshold: float | int | bool | str | None
-    message: str
-
-
-class Verdict(BaseModel):
-    """pass/block with every check (`reasons` are the failed ones)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    decision: Literal["pass", "block"]
-    checks: list[Check]
-
-    @property
-    def passed(self) -> bool:
-        return self.decision == "pass"
-
-    @property
-    def reasons(self) -> list[str]:
-        return [c.message for c in self.checks if not c.passed]
 
 
 def _upper(rule: str, value: float | None, limit: float | None, what: str) -> Check | None:

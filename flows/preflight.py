@@ -30,11 +30,11 @@ def check_release_config(cfg: ReleaseConfig) -> None:
 
 def _check_key(cfg: ReleaseConfig) -> None:
     from flows.keys import load_private_key
-    from flows.stages import _passphrase
+    from flows.stage_release import passphrase
 
     if not Path(cfg.private_key).is_file():
         raise InputError(where(cfg.private_key, "no signing key; create one with `synthgate keys generate --out DIR`"))
-    load_private_key(cfg.private_key, passphrase=_passphrase(cfg))
+    load_private_key(cfg.private_key, passphrase=passphrase(cfg))
 
 
 def _check_source(cfg: ReleaseConfig) -> None:

@@ -9,6 +9,9 @@ Builders from artifacts: `SourceFacts.from_dataset` (canonical dataset), `ModelF
 `PrivacyFacts.from_model_dir` (model_card.json, privacy_ledger.json), `PrivacyFacts.from_ledger` (a ledger dict),
 `SyntheticFacts.from_dataset` (the generated set: a canonical dataset whose rows are all split "synthetic").
 Audit, gate and approval facts are built by their owners from `privacy.json` / `utility.json` / the gate.
+
+Modules: `facts_base` (the shared base model and plain-JSON guard), `dataset_facts` (source and synthetic set);
+this module holds the model, privacy, audit, gate and approval facts and `ReleaseFacts`, and re-exports the rest.
 """
 
 from __future__ import annotations
@@ -19,119 +22,33 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from reports.dataset_facts import (
+    SYNTHETIC_SPLIT,
+    DuplicateSummary,
+    SourceFacts,
+    SyntheticFacts,
+    check_synthetic_only,
+    metadata_columns,
+)
+from reports.facts_base import MAX_DEPTH, MAX_LIST_ITEMS, ImageSpec
+from reports.facts_base import FactsModel as _Facts
+from reports.facts_base import plain_dict as _plain_dict
 from synth.errors import InputError, where
 
-SYNTHETIC_SPLIT = "synthetic"
 # Training settings and results shown in the documents (the model card holds more, e.g. the loss curve).
 _TRAIN_CONFIG_KEYS = ("batch_size", "lr", "epochs", "max_steps", "num_train_timesteps", "cfg_dropout", "ema_decay",
                       "noise_multiplicity", "seed")
 _TRAIN_RESULT_KEYS = ("steps", "epochs", "examples_seen", "train_images", "stopped_by", "training_seconds",
                       "device", "final_loss")
-# Guards against pixel arrays sneaking into facts through free-form dicts: no list this long is a summary.
-MAX_LIST_ITEMS = 1024
-MAX_DEPTH = 8
 
-
-def _check_plain(value: Any, path: str = "details", depth: int = 0) -> None:
-    """Raise ValueError unless `value` is small plain JSON (no bytes, arrays, tensors or huge lists)."""
-    if depth > MAX_DEPTH:
-        raise ValueError(f"{path}: nested deeper than {MAX_DEPTH} levels")
-    if value is None or isinstance(value, bool | int | float | str):
-        return
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{path}: key {k!r} is not a string")
-            _check_plain(v, f"{path}.{k}", depth + 1)
-        return
-    if isinstance(value, list | tuple):
-        if len(value) > MAX_LIST_ITEMS:
-            raise ValueError(f"{path}: list of {len(value)} items (> {MAX_LIST_ITEMS}); facts hold summaries only")
-        for i, v in enumerate(value):
-            _check_plain(v, f"{path}[{i}]", depth + 1)
-        return
-    raise ValueError(f"{path}: {type(value).__name__} is not plain JSON (facts never hold pixel data or binary)")
-
-
-class _Facts(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-def _plain_dict(v: Any, info: Any) -> Any:
-    _check_plain(v, info.field_name)
-    return v
-
-
-class ImageSpec(_Facts):
-    height: int = Field(ge=1)
-    width: int = Field(ge=1)
-    channels: int = Field(ge=1)
-
-
-class DuplicateSummary(_Facts):
-    """What ingest found and did about exact duplicate images in the source (counts only, no ids)."""
-
-    policy: str
-    groups: int = 0
-    within_split: int = 0
-    across_splits: int = 0
-    removed: int = 0
-    removed_per_split: dict[str, int] = Field(default_factory=dict)
-
-
-class SourceFacts(_Facts):
-    """The real dataset the model was trained on (never shipped; described and hashed)."""
-
-    name: str
-    format: str
-    file: str | None = None
-    file_sha256: str | None = None
-    content_hash: str
-    license: str = "unknown"
-    attribution: str = ""
-    original_source: str = ""
-    class_names: tuple[str, ...] = Field(min_length=1)
-    counts: dict[str, int]  # per split, plus "total"
-    counts_per_class: dict[str, dict[str, int]]  # split -> class name -> count
-    image: ImageSpec
-    attributes: tuple[str, ...] = ()
-    has_patient_id: bool = False
-    duplicates: DuplicateSummary | None = None
-
-    @classmethod
-    def from_dataset(cls, root: Path, *, name: str | None = None) -> SourceFacts:
-        """Facts of a canonical dataset directory, read from its `dataset.json` header."""
-        from synth.data.canonical import load_dataset
-
-        ds = load_dataset(Path(root))
-        h = ds.header
-        src = dict(h.get("source") or {})
-        counts = dict(h.get("counts") or {})
-        per_class = counts.pop("per_class", {})
-        dup = h.get("duplicates") or {}
-        return cls(
-            name=name or str(src.get("name") or Path(root).name),
-            format=str(src.get("format", "unknown")),
-            file=src.get("file"),
-            file_sha256=src.get("sha256"),
-            content_hash=ds.content_hash,
-            license=str(h.get("license") or "unknown"),
-            attribution=str(h.get("attribution") or ""),
-            original_source=str(src.get("original_source") or ""),
-            class_names=tuple(ds.class_names),
-            counts={k: int(v) for k, v in counts.items()},
-            counts_per_class=per_class,
-            image=ImageSpec(**{k: h["image"][k] for k in ("height", "width", "channels")}),
-            attributes=tuple(h.get("attributes") or ()),
-            has_patient_id=bool(h.get("has_patient_id", False)),
-            duplicates=(
-                DuplicateSummary(**{k: dup[k] for k in DuplicateSummary.model_fields if k in dup})
-                if dup.get("policy")
-                else None
-            ),
-        )
+# Re-exported: callers import every fact model from here.
+__all__ = [
+    "MAX_DEPTH", "MAX_LIST_ITEMS", "SYNTHETIC_SPLIT", "ApprovalFacts", "DuplicateSummary", "Estimate", "GateFacts",
+    "ImageSpec", "ModelFacts", "PrivacyAuditFacts", "PrivacyFacts", "ReleaseFacts", "SourceFacts", "SyntheticFacts",
+    "UtilityAuditFacts", "check_synthetic_only", "git_commit", "metadata_columns", "synthgate_version",
+]
 
 
 class ModelFacts(_Facts):
@@ -356,104 +273,6 @@ class ApprovalFacts(_Facts):
         if not self.auto_approved and not (self.reviewer or "").strip():
             raise ValueError("a human approval needs the reviewer's name")
         return self
-
-
-class SyntheticFacts(_Facts):
-    """The released synthetic set."""
-
-    content_hash: str
-    class_names: tuple[str, ...] = Field(min_length=1)
-    counts_per_class: dict[str, int]
-    image: ImageSpec
-    sampler: str | None = None  # e.g. "ddim-25"
-    seed_min: int | None = None
-    seed_max: int | None = None
-    # metadata.csv columns besides file_name and label (image_id, attributes, seed...) and their types
-    # ("int64", "float64", "bool" or "string").
-    columns: dict[str, Literal["int64", "float64", "bool", "string"]] = Field(default_factory=dict)
-    generation: dict[str, Any] = Field(default_factory=dict)  # sampler settings, guidance, batch size, ...
-
-    _plain = field_validator("generation")(_plain_dict)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts_per_class.values())
-
-    @classmethod
-    def from_dataset(
-        cls, root: Path, *, sampler: str | None = None, generation: Mapping[str, Any] | None = None
-    ) -> SyntheticFacts:
-        """Facts of the generated set (a canonical dataset whose rows are all split 'synthetic').
-
-        `sampler` defaults to the header's `config.sampler_label` (as `synth.generate` writes it), `generation`
-        to the header's run `config` plus the condition space; local paths are left out (documents are public).
-        """
-        from synth.data.canonical import load_dataset
-
-        ds = load_dataset(Path(root))
-        meta = ds.metadata
-        check_synthetic_only(meta, Path(root))
-        h = ds.header
-        run = dict(h.get("config") or {})
-        if generation is None:
-            gen = {k: v for k, v in run.items() if k != "model"}
-            conditions = (h.get("generation") or {}).get("conditions")
-            if conditions is not None:
-                gen["conditions"] = conditions
-        else:
-            gen = dict(generation)
-        smp = sampler if sampler is not None else (run.get("sampler_label") or gen.get("sampler"))
-        if isinstance(smp, Mapping):  # a SamplerConfig dump: show its short label
-            schedule = smp.get("step_schedule") or "timesteps"
-            smp = f"{smp.get('name')}{'' if schedule == 'timesteps' else '-' + schedule}-{smp.get('steps')}"
-        seeds = meta["seed"] if "seed" in meta.columns else None
-        names = ds.class_names
-        return cls(
-            content_hash=ds.content_hash,
-            class_names=tuple(names),
-            counts_per_class={n: int((meta["label"] == i).sum()) for i, n in enumerate(names)},
-            image=ImageSpec(**{k: h["image"][k] for k in ("height", "width", "channels")}),
-            sampler=None if smp is None else str(smp),
-            seed_min=None if seeds is None or seeds.empty else int(seeds.min()),
-            seed_max=None if seeds is None or seeds.empty else int(seeds.max()),
-            columns=metadata_columns(meta),
-            generation=gen,
-        )
-
-
-def check_synthetic_only(meta: Any, root: Path) -> None:
-    """InputError unless every row of a canonical dataset is in split 'synthetic' (real data never ships)."""
-    splits = sorted(set(meta["split"].astype(str)))
-    if splits != [SYNTHETIC_SPLIT]:
-        raise InputError(
-            where(root, f"holds splits {splits}; only a generated set (all rows split 'synthetic') can be released")
-        )
-    if "patient_id" in meta.columns:
-        raise InputError(where(root, "has a patient_id column; a generated set has no patients"))
-
-
-# Columns of the canonical metadata that never go into the release's metadata.csv.
-_NOT_RELEASED = ("split", "label", "sha256", "patient_id")
-
-
-def metadata_columns(meta: Any) -> dict[str, str]:
-    """The release's metadata.csv extra columns (in order) and their Hugging Face value types."""
-    import pandas as pd
-
-    out: dict[str, str] = {}
-    for col in meta.columns:
-        if col in _NOT_RELEASED:
-            continue
-        s = meta[col]
-        if pd.api.types.is_bool_dtype(s):
-            out[col] = "bool"
-        elif pd.api.types.is_integer_dtype(s):
-            out[col] = "int64"
-        elif pd.api.types.is_float_dtype(s):
-            out[col] = "float64"
-        else:
-            out[col] = "string"
-    return out
 
 
 def synthgate_version() -> str:

@@ -10,8 +10,8 @@ audit measures it, but on data the audit never scores:
     choose the g with the best balanced accuracy (its worst-class sensitivity breaks near-ties; then the smaller g).
 
 The real test split is never touched. Output: one atomic directory with `guidance.json` (kind
-"guidance_selection": every candidate's scores, the chosen scale, the objective); the generation stage reads the
-chosen scale from it, and the dataset card and datasheet report it.
+"guidance_selection": every candidate's scores, the chosen scale, the objective), read through `GuidanceSelection`
+(`load_guidance`); the generation stage reads the chosen scale from it, and the dataset card and datasheet report it.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from reports.classifier import ClassifierConfig, torch_threads, train_classifier
 from reports.metrics import classification_metrics
 from synth import layout
-from synth.artifacts import atomic_dir, read_header, write_header
+from synth.artifacts import atomic_dir, write_header
 from synth.data.canonical import load_dataset
 from synth.errors import InputError, where
+from synth.header_schema import HeaderModel, load_header
 
 KIND = "guidance_selection"
 SCHEMA_VERSION = 1
@@ -140,9 +141,42 @@ def select_guidance(
     return out
 
 
+class GuidanceCandidate(BaseModel):
+    """One tried scale and its validation scores (`_score`; None where a metric was undefined)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    guidance_scale: float
+    balanced_accuracy: float | None = None
+    worst_class_sensitivity: float | None = None
+    worst_class: str | None = None
+    auroc: float | None = None
+
+
+class GuidanceSelection(HeaderModel):
+    """A guidance selection's header (`guidance.json`): the chosen scale, how it was chosen, every candidate."""
+
+    guidance_scale: float
+    objective: str = ""
+    candidates: list[GuidanceCandidate] = Field(default_factory=list)
+    sampler: str | None = None
+    steps: int | None = None
+    real_val_images: int | None = None
+
+    def facts(self) -> dict[str, Any]:
+        """What the release documents say about the selection: the choice, the objective, each candidate's
+        scores on the gate's utility metrics."""
+        return {"guidance_scale": self.guidance_scale, "objective": self.objective,
+                "candidates": [c.model_dump(include={"guidance_scale", "balanced_accuracy",
+                                                     "worst_class_sensitivity"}) for c in self.candidates]}
+
+
 def read_guidance(root: Path) -> dict[str, Any]:
-    """The selection's header (kind-checked); `["guidance_scale"]` is the chosen scale."""
-    header = read_header(Path(root), HEADER, kind=KIND)
-    if not isinstance(header.get("guidance_scale"), int | float):
-        raise InputError(where(Path(root) / HEADER, "has no chosen guidance_scale"))
-    return header
+    """The selection's header as written (checked against `GuidanceSelection`); `["guidance_scale"]` is the
+    chosen scale."""
+    return load_header(GuidanceSelection, Path(root), HEADER, kind=KIND, what="guidance selection header")[0]
+
+
+def load_guidance(root: Path) -> GuidanceSelection:
+    """The typed header of a guidance selection directory (one-line InputError naming the file when malformed)."""
+    return load_header(GuidanceSelection, Path(root), HEADER, kind=KIND, what="guidance selection header")[1]

@@ -157,11 +157,12 @@ def _provenance(inp: ReportInputs, *, public: bool) -> dict[str, Any]:
         arts.append({"name": "gate verdict", "kind": "verdict", "content_hash": inp.hashes["verdict"],
                      "created": None, "path": None if public else inp.verdict_source})
 
-    rc = inp.real.header.get("counts") or {}
-    splits = sorted((s for s in rc if s not in ("total", "per_class")), key=lambda s: (SPLIT_ORDER.get(s, 99), s))
-    real_counts = [{"split": s, "n": rc.get(s), **{f"c{i}": (rc.get("per_class") or {}).get(s, {}).get(n)
+    real = inp.real.info
+    rc, per_class = real.counts.per_split(), real.counts.per_class
+    splits = sorted((s for s in rc if s != "total"), key=lambda s: (SPLIT_ORDER.get(s, 99), s))
+    real_counts = [{"split": s, "n": rc.get(s), **{f"c{i}": per_class.get(s, {}).get(n)
                                                     for i, n in enumerate(inp.class_names)}} for s in splits]
-    dup = dict(inp.real.header.get("duplicates") or {})
+    dup = dict(real.duplicates)
     groups = dup.pop("group_list", None) or []
     model = None
     if inp.model_card is not None:
@@ -171,7 +172,7 @@ def _provenance(inp: ReportInputs, *, public: bool) -> dict[str, Any]:
         preset = ((c.get("config") or {}).get("model") or {}).get("name")
         if preset:
             model.insert(0, ("model preset", preset))
-    source = inp.real.header.get("source") or {}
+    source = real.source
     return {
         "artifacts": arts,
         "real_counts": real_counts,
@@ -182,9 +183,9 @@ def _provenance(inp: ReportInputs, *, public: bool) -> dict[str, Any]:
         "duplicate_groups_total": len(groups),
         "source": [(k, v) for k, v in source.items() if not isinstance(v, Mapping | list)
                    and not (public and k in ("file", "path", "dir"))],
-        "license": inp.real.header.get("license"),
+        "license": real.license,
         "model": model,
-        "generation": _scalars(inp.synthetic.header.get("config") or {}),
+        "generation": _scalars(inp.synthetic.info.config),
         "notes": list(inp.notes),
     }
 

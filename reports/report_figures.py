@@ -132,7 +132,7 @@ def _pairs(inp: ReportInputs, *, public: bool) -> list[dict[str, Any]]:
 def _real_pair_image(inp: ReportInputs, syn_index: pd.Series, real_index: pd.Series, syn_id: str,
                      train_id: str) -> dict[str, Any]:
     """Steward only: the synthetic image and its nearest training image as one two-tile PNG."""
-    if syn_id not in syn_index.index and inp.synthetic.header.get("filtered"):
+    if syn_id not in syn_index.index and inp.synthetic.info.filtered:
         return {"grid": None, "missing": "removed from this (filtered) synthetic set"}
     if syn_id not in syn_index.index or train_id not in real_index.index:
         return {"grid": None, "missing": "image not found in the datasets given"}
@@ -161,7 +161,7 @@ def _filtering(inp: ReportInputs) -> dict[str, Any] | None:
     """What filtering the flagged images out did: from the privacy audit's record and/or the synthetic set's own
     `filtered` header entry (when the report is about the filtered set)."""
     audit = inp.privacy.get("filtered") if isinstance(inp.privacy.get("filtered"), Mapping) else {}
-    own = inp.synthetic.header.get("filtered") if isinstance(inp.synthetic.header.get("filtered"), Mapping) else {}
+    own = inp.synthetic.info.filtered or {}
     if not audit and not own:
         return None
     return {

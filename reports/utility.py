@@ -27,6 +27,9 @@ directory (weights, predicted probabilities, summary; kind "utility_job") on any
 `audit_utility(jobs=...)` checks and merges them. Without `jobs` the audit runs the same job code in-process into
 a temporary directory and merges the same way, so both give the same audit. Jobs pin torch's thread count
 (`JOB_THREADS` unless `classifier.threads` is set): training results depend on it.
+
+Modules: `utility_config` (settings), `utility_inputs` (both datasets, checked), `utility_jobs` (planning, running
+and checking the classifier jobs); this module scores the jobs' predictions and writes the audit.
 """
 
 from __future__ import annotations
@@ -39,11 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from reports.classifier import Classifier, ClassifierConfig, SmallResNet, torch_threads, train_classifier
-from reports.fidelity import FidelityConfig, fidelity_by_class
+from reports.classifier import torch_threads
+from reports.fidelity import fidelity_by_class
 from reports.metrics import (
     classification_metrics,
     majority_baseline,
@@ -51,166 +52,44 @@ from reports.metrics import (
     roc_curve,
     subgroup_metrics,
 )
+from reports.utility_config import UtilityConfig, parse_ratios
+from reports.utility_inputs import SYNTHETIC_SPLIT, AuditInputs, attribute_groups, load_audit_inputs
+from reports.utility_jobs import (
+    JOB_HEADER,
+    JOB_KIND,
+    JOB_SCHEMA_VERSION,
+    JOB_THREADS,
+    PROBA_SYNTHETIC,
+    PROBA_TEST,
+    WEIGHTS,
+    ClassifierJob,
+    JobSpec,
+    announce,
+    check_jobs,
+    job_threads,
+    load_job_classifier,
+    n_use,
+    plan_classifier_jobs,
+    plan_jobs,
+    run_classifier_job,
+)
+from reports.utility_jobs import run_job as _run_job  # a module attribute: tests count the trainings through it
 from synth import layout
-from synth.artifacts import atomic_dir, read_header, sha256_file, verify_content, write_header, write_json
-from synth.data.canonical import SPLITS, Dataset, load_dataset
+from synth.artifacts import atomic_dir, sha256_file, write_header, write_json
+from synth.data.canonical import SPLITS
 from synth.errors import InputError, where
+
+# The audit's public names, wherever they are defined (callers import them from here).
+__all__ = [
+    "HEADER", "JOB_HEADER", "JOB_KIND", "JOB_SCHEMA_VERSION", "JOB_THREADS", "KIND", "PROBA_SYNTHETIC", "PROBA_TEST",
+    "ROC", "SCHEMA_VERSION", "SYNTHETIC_SPLIT", "WEIGHTS", "AuditInputs", "UtilityConfig", "audit_utility",
+    "load_audit_inputs", "parse_ratios", "plan_classifier_jobs", "run_classifier_job",
+]
 
 KIND = layout.UTILITY_KIND
 SCHEMA_VERSION = 1
 HEADER = layout.UTILITY_HEADER
 ROC = layout.UTILITY_ROC
-SYNTHETIC_SPLIT = "synthetic"
-JOB_KIND = "utility_job"
-JOB_SCHEMA_VERSION = 1
-JOB_HEADER = "job.json"
-WEIGHTS = "weights.safetensors"
-PROBA_TEST = "proba_test.npy"  # (n_test, classes) float64, rows in the real test split's order
-PROBA_SYNTHETIC = "proba_synthetic.npy"  # TRTR job only: (n_synthetic, classes) for TRTS
-# Torch threads of a classifier job when `classifier.threads` is None (see `_job_threads`).
-JOB_THREADS = 1
-
-
-class UtilityConfig(BaseModel):
-    """Settings of a utility audit (written into the header's `config`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    classifier: ClassifierConfig = ClassifierConfig()
-    ratios: tuple[float, ...] = Field((0.5, 1.0, 2.0), description="synthetic:real ratios for augmentation")
-    n_boot: int = Field(1000, ge=0, le=100_000)
-    ci_level: float = Field(0.95, gt=0.0, lt=1.0)
-    seed: int = Field(0, description="seed of bootstrap resampling and augmentation subsets")
-    min_subgroup: int = Field(20, ge=1)
-    fidelity: bool = True
-    fidelity_config: FidelityConfig = FidelityConfig()
-    encoder: Path | None = Field(None, description="privacy copy-detection encoder dir, an extra fidelity space")
-    inception_weights: Path | None = Field(None, description="Inception TorchScript file, an extra fidelity space")
-    max_roc_points: int = Field(500, ge=2)
-
-    @field_validator("ratios")
-    @classmethod
-    def _ratios(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if any(not np.isfinite(r) or r <= 0 for r in v):
-            raise ValueError(f"ratios must be positive numbers, got {list(v)}")
-        return tuple(sorted(set(v)))
-
-
-def parse_ratios(text: str) -> tuple[float, ...]:
-    """'0.5,1,2' → (0.5, 1.0, 2.0); an empty string means no augmentation setting."""
-    out = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            r = float(part)
-        except ValueError:
-            raise InputError(where("--ratios", f"{part!r} is not a number (expected e.g. 0.5,1,2)")) from None
-        if not np.isfinite(r) or r <= 0:
-            raise InputError(where("--ratios", f"ratios must be positive, got {part!r}"))
-        out.append(r)
-    return tuple(out)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Inputs
-
-
-@dataclass(frozen=True)
-class Split:
-    images: np.ndarray
-    metadata: pd.DataFrame
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self.metadata["label"].to_numpy(dtype=np.int64)
-
-
-@dataclass(frozen=True)
-class AuditInputs:
-    """Both datasets, checked against each other, with their splits in memory."""
-
-    real: Dataset
-    synthetic: Dataset
-    class_names: list[str]
-    train: Split
-    val: Split
-    test: Split
-    synth: Split
-    synthetic_split: str  # "synthetic", or "all" when the set has no rows marked synthetic
-
-    @property
-    def image(self) -> dict[str, int]:
-        return _spec(self.train.images)
-
-
-def _spec(images: np.ndarray) -> dict[str, int]:
-    return {"height": int(images.shape[1]), "width": int(images.shape[2]),
-            "channels": 1 if images.ndim == 3 else int(images.shape[3])}
-
-
-def load_audit_inputs(real_dir: Path, synthetic_dir: Path) -> AuditInputs:
-    """Open both datasets and check they can be compared; every problem is one-line `InputError`."""
-    real_dir, synthetic_dir = Path(real_dir), Path(synthetic_dir)
-    real, syn = load_dataset(real_dir), load_dataset(synthetic_dir)
-    names = real.class_names
-    if len(names) < 2:
-        raise InputError(where(real_dir, f"needs at least two classes to audit utility, has {names}"))
-    if syn.class_names != names:
-        raise InputError(where(synthetic_dir, f"class names {syn.class_names} differ from the real set's {names}"))
-
-    counts = real.metadata["split"].value_counts()
-    missing = [s for s in SPLITS if counts.get(s, 0) == 0]
-    if missing:
-        found = ", ".join(f"{s}={n}" for s, n in counts.items()) or "no images"
-        raise InputError(where(real_dir, f"real set needs train/val/test splits; missing {', '.join(missing)} "
-                                         f"(found {found})"))
-    splits = {s: Split(*real.split(s)) for s in SPLITS}
-
-    meta = syn.metadata
-    marked = (meta["split"] == SYNTHETIC_SPLIT).to_numpy()
-    mask = marked if marked.any() else np.ones(len(meta), dtype=bool)
-    if not mask.any():
-        raise InputError(where(synthetic_dir, "synthetic set is empty (0 images)"))
-    synth = Split(np.asarray(syn.images[mask]), meta[mask].reset_index(drop=True))
-
-    spec_r, spec_s = _spec(splits["train"].images), _spec(synth.images)
-    if spec_r != spec_s:
-        raise InputError(where(synthetic_dir, f"images are {spec_s['height']}×{spec_s['width']}×"
-                                              f"{spec_s['channels']} (H×W×C) but the real set's are "
-                                              f"{spec_r['height']}×{spec_r['width']}×{spec_r['channels']}"))
-
-    k = len(names)
-    for split_name, where_dir, split, need_all in (
-        ("train", real_dir, splits["train"], True),
-        ("synthetic", synthetic_dir, synth, True),
-        ("val", real_dir, splits["val"], False),
-        ("test", real_dir, splits["test"], False),
-    ):
-        labels = split.labels
-        bad = labels[(labels < 0) | (labels >= k)]
-        if len(bad):
-            raise InputError(where(where_dir, f"{split_name} label {int(bad[0])} is outside 0..{k - 1}"))
-        absent = [names[c] for c in range(k) if not (labels == c).any()]
-        if need_all and absent:
-            raise InputError(where(where_dir, f"{split_name} set has no images of class(es) {absent}"))
-        if not need_all and k - len(absent) < 2:
-            raise InputError(where(where_dir, f"{split_name} split needs images of at least two classes "
-                                              f"(missing {absent})"))
-    return AuditInputs(real=real, synthetic=syn, class_names=names, train=splits["train"], val=splits["val"],
-                       test=splits["test"], synth=synth,
-                       synthetic_split=SYNTHETIC_SPLIT if marked.any() else "all")
-
-
-def _attribute_groups(ds: Dataset, meta: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Subgroups: the dataset's categorical attributes, never a generator's per-image columns (seed, sampler...)."""
-    bookkeeping = set(ds.header.get("generation_columns") or ())
-    attrs = [a for a in ds.header.get("attributes", []) if a in meta.columns and a not in bookkeeping]
-    return {a: meta[a].to_numpy() for a in attrs}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The audit
 
 
 def _roc(y: np.ndarray, proba: np.ndarray, class_names: Sequence[str], max_points: int) -> dict[str, Any]:
@@ -257,211 +136,6 @@ def _extra_feature_spaces(cfg: UtilityConfig, image: Mapping[str, int]) -> tuple
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Classifier jobs: the independent, expensive units (one training each)
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """One classifier training of the audit."""
-
-    name: str  # "trtr", "tstr" or "augmentation-<first ratio>"
-    setting: str  # "trtr", "tstr" or "augmentation"
-    ratios: tuple[float, ...]  # the augmentation ratios it serves (several when capped to the same data)
-    n_synthetic: int  # synthetic images in its training set
-
-
-def _n_use(ratio: float, n_real: int, n_syn: int) -> int:
-    return min(round(ratio * n_real), n_syn)
-
-
-def _plan(cfg: UtilityConfig, n_real: int, n_syn: int) -> list[JobSpec]:
-    """TRTR, TSTR, then one job per distinct augmentation subset size, named after its first (smallest) ratio."""
-    jobs = [JobSpec("trtr", "trtr", (), 0), JobSpec("tstr", "tstr", (), n_syn)]
-    by_size: dict[int, list[float]] = {}
-    for ratio in cfg.ratios:  # sorted ascending by the config
-        by_size.setdefault(_n_use(ratio, n_real, n_syn), []).append(ratio)
-    jobs += [JobSpec(f"augmentation-{ratios[0]:g}", "augmentation", tuple(ratios), n_use)
-             for n_use, ratios in by_size.items()]
-    return jobs
-
-
-def _plan_for(data: AuditInputs, cfg: UtilityConfig) -> list[JobSpec]:
-    return _plan(cfg, len(data.train.images), len(data.synth.images))
-
-
-def plan_classifier_jobs(real_dir: Path, synthetic_dir: Path, *, config: UtilityConfig | None = None) -> list[str]:
-    """The names of the audit's classifier jobs, in a stable order: `trtr`, `tstr`, then `augmentation-<ratio>`
-    for each distinct augmentation training set (ratios capped to the same synthetic subset share one job, named
-    after the smallest). Each can run anywhere with `run_classifier_job`; `audit_utility(jobs=...)` merges them.
-
-    Raises `InputError` when the two sets cannot be compared (the same checks as the audit).
-    """
-    cfg = config or UtilityConfig()
-    return [job.name for job in _plan_for(load_audit_inputs(real_dir, synthetic_dir), cfg)]
-
-
-def _job_threads(cfg: UtilityConfig) -> int:
-    """Torch threads of a job: the configured count, else a fixed one.
-
-    The backward pass's float sums are split by thread count (oneDNN's weight gradients reduce over the batch in
-    per-thread partial sums), so the same job trained with 1, 2 or 4 threads gives different weights; inference
-    was thread-count invariant in tests. A fixed count makes a job compute the same bytes on every worker.
-    With torch's OpenMP backend the count is per calling thread, so concurrent jobs in one process do not change
-    each other's.
-    """
-    return cfg.classifier.threads or JOB_THREADS
-
-
-def _training_set(data: AuditInputs, cfg: UtilityConfig, job: JobSpec) -> tuple[np.ndarray, np.ndarray, str]:
-    if job.setting == "trtr":
-        return data.train.images, data.train.labels, "real/train"
-    if job.setting == "tstr":
-        return data.synth.images, data.synth.labels, f"synthetic ({data.synthetic_split})"
-    order = np.random.default_rng(cfg.seed).permutation(len(data.synth.images))  # nested subsets across ratios
-    pick = np.sort(order[:job.n_synthetic])
-    return (np.concatenate([data.train.images, data.synth.images[pick]]),
-            np.concatenate([data.train.labels, data.synth.labels[pick]]),
-            f"real/train + {job.n_synthetic} synthetic ({data.synthetic_split}, seeded subset)")
-
-
-def _run_job(data: AuditInputs, cfg: UtilityConfig, job: JobSpec, out: Path) -> Path:
-    """Train one classifier and write its job directory (weights, predicted probabilities, summary)."""
-    from safetensors.torch import save_file
-
-    threads = _job_threads(cfg)
-    started = time.perf_counter()
-    with torch_threads(threads):
-        images, labels, train = _training_set(data, cfg, job)
-        clf = train_classifier(images, labels, data.val.images, data.val.labels, config=cfg.classifier,
-                               num_classes=len(data.class_names))
-        t = time.perf_counter()
-        proba = {PROBA_TEST: clf.predict_proba(data.test.images)}
-        if job.setting == "trtr":  # TRTS: the real-trained classifier on every synthetic image
-            proba[PROBA_SYNTHETIC] = clf.predict_proba(data.synth.images)
-        predict_s = time.perf_counter() - t
-    summary = clf.summary()
-    train_s = summary.pop("train_seconds")  # a timing: kept under `timings` so the rest is reproducible
-    with atomic_dir(out) as tmp:
-        save_file({k: v.contiguous() for k, v in clf.model.state_dict().items()}, str(tmp / WEIGHTS))
-        for file, array in proba.items():
-            np.save(tmp / file, array, allow_pickle=False)
-        write_header(
-            tmp, JOB_HEADER, kind=JOB_KIND, schema_version=JOB_SCHEMA_VERSION, files=[WEIGHTS, *proba],
-            inputs={"real": data.real.content_hash, "synthetic": data.synthetic.content_hash},
-            config=cfg.model_dump(mode="json"),
-            body={"job": job.name, "setting": job.setting, "ratios": list(job.ratios), "train": train,
-                  "n_real": len(data.train.images) if job.setting != "tstr" else 0, "n_synthetic": job.n_synthetic,
-                  "image": data.image, "num_classes": len(data.class_names), "torch_threads": threads,
-                  "classifier": summary,
-                  "timings": {"train_s": round(train_s, 2), "predict_s": round(predict_s, 2),
-                              "total_s": round(time.perf_counter() - started, 2)}},
-        )
-    return out
-
-
-def _job_spec(plan: Sequence[JobSpec], name: str) -> JobSpec:
-    for job in plan:
-        if job.name == name:
-            return job
-    valid = ", ".join(job.name for job in plan)
-    raise InputError(where(f"job {name!r}", f"is not a classifier job of this utility audit; valid: {valid}"))
-
-
-def run_classifier_job(real_dir: Path, synthetic_dir: Path, name: str, out: Path, *,
-                       config: UtilityConfig | None = None) -> Path:
-    """Train the audit's classifier `name` (one of `plan_classifier_jobs`) and write it atomically to `out`.
-
-    The directory (header `job.json`, kind "utility_job") holds the classifier's weights, its predicted
-    probabilities on the real test split (and, for `trtr`, on every synthetic image) and its summary; its inputs
-    are both sets' content hashes and its config the whole `UtilityConfig`, which `audit_utility(jobs=...)` checks.
-    Deterministic: the same inputs and config give the same files in any process (torch threads pinned, see
-    `JOB_THREADS`). Returns `out`. Raises `InputError` for unusable inputs, an unknown name or an existing `out`.
-    """
-    cfg = config or UtilityConfig()
-    out = Path(out)
-    data = load_audit_inputs(real_dir, synthetic_dir)
-    job = _job_spec(_plan_for(data, cfg), name)
-    if out.exists():
-        raise InputError(where(out, "already exists; choose another output or remove it"))
-    return _run_job(data, cfg, job, out)
-
-
-def _first_difference(ours: Any, theirs: Any, key: str = "") -> tuple[str, Any, Any] | None:
-    """The first (dotted key, our value, their value) where two JSON configs differ."""
-    if isinstance(ours, dict) and isinstance(theirs, dict):
-        for k in sorted(set(ours) | set(theirs)):
-            diff = _first_difference(ours.get(k), theirs.get(k), f"{key}.{k}" if key else k)
-            if diff:
-                return diff
-        return None
-    return None if ours == theirs else (key or "config", ours, theirs)
-
-
-def _check_jobs(data: AuditInputs, cfg: UtilityConfig, plan: Sequence[JobSpec],
-                jobs: Mapping[str, Path]) -> dict[str, dict[str, Any]]:
-    """The job headers, after checking the jobs are exactly this audit's: names, inputs, config, contents."""
-    names = [job.name for job in plan]
-    extra = [name for name in jobs if name not in names]
-    if extra:
-        raise InputError(where(jobs[extra[0]], f"is given as classifier job {extra[0]!r}, which this audit does not "
-                                               f"have (its jobs: {', '.join(names)})"))
-    missing = [name for name in names if name not in jobs]
-    if missing:
-        raise InputError(where("jobs", f"classifier job(s) {', '.join(missing)} missing; this audit needs exactly "
-                                       f"{', '.join(names)}"))
-    ours = {"real": (data.real.content_hash, data.real.root), "synthetic": (data.synthetic.content_hash,
-                                                                            data.synthetic.root)}
-    config = cfg.model_dump(mode="json")
-    headers: dict[str, dict[str, Any]] = {}
-    for name in names:
-        root = Path(jobs[name])
-        header = read_header(root, JOB_HEADER, kind=JOB_KIND)
-        if header["schema_version"] != JOB_SCHEMA_VERSION:
-            raise InputError(where(root, f"job schema version {header['schema_version']} is not supported "
-                                         f"(expected {JOB_SCHEMA_VERSION})"))
-        if header.get("job") != name:
-            raise InputError(where(root, f"holds classifier job {header.get('job')!r}, given as {name!r}"))
-        for which, (digest, source) in ours.items():
-            theirs = str(header["inputs"].get(which))
-            if theirs != digest:
-                raise InputError(where(root, f"was trained for another {which} set (content hash {theirs[:12]}…, "
-                                             f"{source} has {digest[:12]}…)"))
-        diff = _first_difference(config, header["config"])
-        if diff:
-            raise InputError(where(root, f"was trained with another config: {diff[0]} = {diff[2]!r}, this audit's "
-                                         f"is {diff[1]!r}"))
-        verify_content(root, header)
-        headers[name] = header
-    return headers
-
-
-def _load_classifier(root: Path, header: Mapping[str, Any], cfg: UtilityConfig) -> Classifier:
-    """The job's trained classifier, rebuilt from its weights (for feature spaces computed at merge time)."""
-    from safetensors.torch import load_file
-
-    image = header["image"]
-    model = SmallResNet(image["channels"], header["num_classes"], width=cfg.classifier.width,
-                        blocks_per_stage=cfg.classifier.blocks_per_stage,
-                        image_size=min(image["height"], image["width"]))
-    model.load_state_dict(load_file(str(root / WEIGHTS)))
-    model.eval()
-    s = header["classifier"]
-    return Classifier(model=model, config=cfg.classifier, num_classes=header["num_classes"],
-                      image_shape=(image["height"], image["width"], image["channels"]), best_epoch=s["best_epoch"],
-                      val_auroc=s["val_auroc"], history=s["history"], n_train=s["n_train"],
-                      train_class_counts=s["train_class_counts"])
-
-
-def _announce(job: JobSpec, data: AuditInputs) -> str:
-    n_real, n_syn = len(data.train.images), len(data.synth.images)
-    if job.setting == "trtr":
-        return f"TRTR: training on {n_real} real images"
-    if job.setting == "tstr":
-        return f"TSTR: training on {n_syn} synthetic images"
-    return f"augmentation {job.ratios[0]:g}: training on {n_real} real + {job.n_synthetic} synthetic images"
-
-
-# --------------------------------------------------------------------------------------------------------------
 # The audit: the jobs' merge
 
 
@@ -495,71 +169,121 @@ def audit_utility(
     started = time.perf_counter()
     data = load_audit_inputs(real_dir, synthetic_dir)
     extra_spaces, extra_inputs = _extra_feature_spaces(cfg, data.image) if cfg.fidelity else ({}, {})
-    plan = _plan_for(data, cfg)
+    plan = plan_jobs(data, cfg)
     if jobs is not None:
-        headers = _check_jobs(data, cfg, plan, jobs)
+        headers = check_jobs(data, cfg, plan, jobs)
         say(f"merging {len(plan)} classifier jobs")
-        return _merge(data, cfg, plan, {name: Path(jobs[name]) for name in headers}, headers, extra_spaces,
+        return _merge(data, cfg, plan, _Jobs({name: Path(jobs[name]) for name in headers}, headers), extra_spaces,
                       extra_inputs, out, overwrite=overwrite, say=say, started=started)
     with tempfile.TemporaryDirectory(prefix="synthgate-utility-jobs-") as tmp:
         dirs: dict[str, Path] = {}
         for job in plan:
-            say(_announce(job, data))
+            say(announce(job, data))
             dirs[job.name] = _run_job(data, cfg, job, Path(tmp) / job.name)
-        headers = _check_jobs(data, cfg, plan, dirs)
-        return _merge(data, cfg, plan, dirs, headers, extra_spaces, extra_inputs, out, overwrite=overwrite, say=say,
-                      started=started)
+        headers = check_jobs(data, cfg, plan, dirs)
+        return _merge(data, cfg, plan, _Jobs(dirs, headers), extra_spaces, extra_inputs, out, overwrite=overwrite,
+                      say=say, started=started)
 
 
-def _merge(data: AuditInputs, cfg: UtilityConfig, plan: Sequence[JobSpec], dirs: Mapping[str, Path],
-           headers: Mapping[str, Mapping[str, Any]], extra_spaces: Mapping[str, tuple[FeatureFn, str]],
-           extra_inputs: Mapping[str, str], out: Path, *, overwrite: bool, say: Callable[[str], None],
-           started: float) -> Path:
+@dataclass(frozen=True)
+class _Jobs:
+    """The checked classifier jobs the merge reads: directory and header of each, by name."""
+
+    dirs: Mapping[str, Path]
+    headers: Mapping[str, ClassifierJob]
+
+    def proba(self, name: str, file: str = PROBA_TEST) -> np.ndarray:
+        return np.load(self.dirs[name] / file, allow_pickle=False)
+
+    def classifier(self, name: str) -> dict[str, Any]:
+        return self.headers[name].classifier
+
+    def seconds(self, name: str) -> float:
+        return float(self.headers[name].timings["total_s"])
+
+
+def _merge(data: AuditInputs, cfg: UtilityConfig, plan: Sequence[JobSpec], jobs: _Jobs,
+           extra_spaces: Mapping[str, tuple[FeatureFn, str]], extra_inputs: Mapping[str, str], out: Path, *,
+           overwrite: bool, say: Callable[[str], None], started: float) -> Path:
     """Score every job's predictions, compute fidelity in the TRTR classifier's space and write the audit."""
-    names, n_real, n_syn = data.class_names, len(data.train.images), len(data.synth.images)
-    y_test, y_syn = data.test.labels, data.synth.labels
-    test_groups = _attribute_groups(data.real, data.test.metadata)
-    syn_groups = _attribute_groups(data.synthetic, data.synth.metadata)
-    job_s = {name: float(headers[name]["timings"]["total_s"]) for name in dirs}
-    timings: dict[str, Any] = {"jobs_s": job_s,
-                               "classifier_train_s": {name: headers[name]["timings"]["train_s"] for name in dirs}}
+    timings: dict[str, Any] = {"jobs_s": {name: jobs.seconds(name) for name in jobs.dirs},
+                               "classifier_train_s": {name: jobs.headers[name].timings["train_s"]
+                                                      for name in jobs.dirs}}
     roc: dict[str, Any] = {}
+    trtr, trts, tstr, cmp = _protocols(data, cfg, jobs, roc, timings, say)
+    curve = _augmentation_curve(data, cfg, plan, jobs, trtr, roc, timings, say)
+    threads = job_threads(cfg)
+    fidelity = _fidelity(data, cfg, jobs, extra_spaces, timings, say) if cfg.fidelity else None
+    timings["total_s"] = round(time.perf_counter() - started, 2)
+    timings["torch_threads"] = threads
 
-    def proba(name: str, file: str = PROBA_TEST) -> np.ndarray:
-        return np.load(dirs[name] / file, allow_pickle=False)
+    body = {
+        "class_names": data.class_names,
+        "data": _describe_data(data),
+        "trtr": trtr,
+        "trts": trts,
+        "tstr": tstr,
+        # The headline: does a classifier trained on the release work on real patients, class by class?
+        "tstr_vs_trtr": {m: cmp[m] for m in _PAIRED} | {"bootstrap": cmp["bootstrap"]},
+        "baselines": _baselines(data),
+        # AUROC ratio and difference, kept under their original names (AUROC ranks; it can hide a dead class).
+        "tstr_over_trtr": {**cmp["auroc"]["ratio"], "metric": "auroc", "bootstrap": cmp["bootstrap"]},
+        "tstr_minus_trtr": {**cmp["auroc"]["difference"], "metric": "auroc", "bootstrap": cmp["bootstrap"]},
+        "augmentation": {"ratios": list(cfg.ratios), "curve": curve},
+        "fidelity": fidelity,
+        "classifier_jobs": {name: jobs.headers[name].content_hash for name in jobs.dirs},
+        "plots": {"roc": ROC},
+        "timings": timings,
+    }
+    inputs = {"real": data.real.content_hash, "synthetic": data.synthetic.content_hash, **extra_inputs}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_json(tmp / ROC, roc)
+        write_header(tmp, HEADER, kind=KIND, schema_version=SCHEMA_VERSION, files=[ROC], inputs=inputs,
+                     config=cfg.model_dump(mode="json"), body=body)
+    return out
 
-    def classifier(name: str) -> dict[str, Any]:
-        return headers[name]["classifier"]
 
-    # TRTR
+def _protocols(data: AuditInputs, cfg: UtilityConfig, jobs: _Jobs, roc: dict[str, Any], timings: dict[str, Any],
+               say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """TRTR, TRTS and TSTR scored (with their ROC curves and timings), and the paired TSTR-vs-TRTR comparison."""
+    names, n_syn = data.class_names, len(data.synth.images)
+    y_test, y_syn = data.test.labels, data.synth.labels
+    test_groups = attribute_groups(data.real, data.test.metadata)
+    syn_groups = attribute_groups(data.synthetic, data.synth.metadata)
+
     t = time.perf_counter()
-    p_trtr = proba("trtr")
+    p_trtr = jobs.proba("trtr")
     trtr = {"train": "real/train", "select": "real/val", "test": "real/test",
             **_score(y_test, p_trtr, names=names, cfg=cfg, seed=cfg.seed, groups=test_groups),
-            "classifier": classifier("trtr")}
+            "classifier": jobs.classifier("trtr")}
     roc["trtr"] = _roc(y_test, p_trtr, names, cfg.max_roc_points)
-    timings["trtr_s"] = round(job_s["trtr"] + time.perf_counter() - t, 2)
+    timings["trtr_s"] = round(jobs.seconds("trtr") + time.perf_counter() - t, 2)
 
-    # TRTS
     say(f"TRTS: scoring {n_syn} synthetic images with the real-trained classifier")
     t = time.perf_counter()
-    p_trts = proba("trtr", PROBA_SYNTHETIC)
+    p_trts = jobs.proba("trtr", PROBA_SYNTHETIC)
     trts = {"classifier": "trtr", "test": f"synthetic ({data.synthetic_split}; labels = conditioning)",
             **_score(y_syn, p_trts, names=names, cfg=cfg, seed=cfg.seed + 1, groups=syn_groups)}
     roc["trts"] = _roc(y_syn, p_trts, names, cfg.max_roc_points)
     timings["trts_s"] = round(time.perf_counter() - t, 2)
 
-    # TSTR
     t = time.perf_counter()
-    p_tstr = proba("tstr")
-    tstr = {"train": headers["tstr"]["train"], "select": "real/val", "test": "real/test",
+    p_tstr = jobs.proba("tstr")
+    tstr = {"train": jobs.headers["tstr"].train, "select": "real/val", "test": "real/test",
             **_score(y_test, p_tstr, names=names, cfg=cfg, seed=cfg.seed + 2, groups=test_groups),
-            "classifier": classifier("tstr")}
+            "classifier": jobs.classifier("tstr")}
     roc["tstr"] = _roc(y_test, p_tstr, names, cfg.max_roc_points)
     cmp = paired_comparison(y_test, p_trtr, p_tstr, n_boot=cfg.n_boot, level=cfg.ci_level, seed=cfg.seed + 3)
-    timings["tstr_s"] = round(job_s["tstr"] + time.perf_counter() - t, 2)
+    timings["tstr_s"] = round(jobs.seconds("tstr") + time.perf_counter() - t, 2)
+    return trtr, trts, tstr, cmp
 
-    # Augmentation
+
+def _augmentation_curve(data: AuditInputs, cfg: UtilityConfig, plan: Sequence[JobSpec], jobs: _Jobs,
+                        trtr: Mapping[str, Any], roc: dict[str, Any], timings: dict[str, Any],
+                        say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One point per augmentation ratio (the TRTR classifier at ratio 0), each paired against TRTR."""
+    names, n_real, n_syn = data.class_names, len(data.train.images), len(data.synth.images)
+    y_test, p_trtr = data.test.labels, jobs.proba("trtr")
     curve: list[dict[str, Any]] = [{
         "ratio": 0.0, "ratio_effective": 0.0, "n_real": n_real, "n_synthetic": 0,
         **{m: trtr[m] for m in _CURVE_METRICS},
@@ -573,9 +297,9 @@ def _merge(data: AuditInputs, cfg: UtilityConfig, plan: Sequence[JobSpec], dirs:
     job_of = {job.n_synthetic: job.name for job in plan if job.setting == "augmentation"}
     done: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}  # job → (curve point, roc) already scored
     for i, ratio in enumerate(cfg.ratios):
-        n_use = _n_use(ratio, n_real, n_syn)
-        name = job_of[n_use]
-        note = {"note": f"synthetic set too small: used all {n_syn} images"} if n_use < round(ratio * n_real) else {}
+        used = n_use(ratio, n_real, n_syn)
+        name = job_of[used]
+        note = {"note": f"synthetic set too small: used all {n_syn} images"} if used < round(ratio * n_real) else {}
         if name in done:  # a capped ratio trained on exactly the same data as an earlier one: the same classifier
             point, point_roc = done[name]
             curve.append({**point, "ratio": ratio, **note})
@@ -584,67 +308,43 @@ def _merge(data: AuditInputs, cfg: UtilityConfig, plan: Sequence[JobSpec], dirs:
             continue
         say(f"augmentation {ratio:g}: scoring")
         t = time.perf_counter()
-        p = proba(name)
+        p = jobs.proba(name)
         scored = classification_metrics(y_test, p, class_names=names, n_boot=cfg.n_boot, level=cfg.ci_level,
                                         seed=cfg.seed + 10 + i)
         diff = paired_comparison(y_test, p_trtr, p, metrics=_GAIN_METRICS, n_boot=cfg.n_boot, level=cfg.ci_level,
                                  seed=cfg.seed + 10 + i)
         curve.append({
-            "ratio": ratio, "ratio_effective": round(n_use / n_real, 6), "n_real": n_real, "n_synthetic": n_use,
+            "ratio": ratio, "ratio_effective": round(used / n_real, 6), "n_real": n_real, "n_synthetic": used,
             **{m: scored[m] for m in (*_CURVE_METRICS, "per_class")},
             **{f"{m}_minus_trtr": diff[m]["difference"] for m in _GAIN_METRICS},
             **note,
-            "classifier": classifier(name),
+            "classifier": jobs.classifier(name),
         })
         roc["augmentation"][f"{ratio:g}"] = _roc(y_test, p, names, cfg.max_roc_points)
         done[name] = (curve[-1], roc["augmentation"][f"{ratio:g}"])
-        timings["augmentation_s"][f"{ratio:g}"] = round(job_s[name] + time.perf_counter() - t, 2)
+        timings["augmentation_s"][f"{ratio:g}"] = round(jobs.seconds(name) + time.perf_counter() - t, 2)
+    return curve
 
-    # Fidelity
-    threads = _job_threads(cfg)
-    fidelity: dict[str, Any] | None = None
-    if cfg.fidelity:
-        say("fidelity: FID, KID, precision/recall")
-        t = time.perf_counter()
-        clf_real = _load_classifier(dirs["trtr"], headers["trtr"], cfg)
-        holdout = np.concatenate([data.val.images, data.test.images])
-        y_holdout = np.concatenate([data.val.labels, y_test])
-        spaces: dict[str, tuple[FeatureFn, str]] = {
-            "classifier": (clf_real.features, "TRTR classifier, penultimate layer (global average pool)"),
-            **extra_spaces,
-        }
-        fidelity = {"reference": "real/train", "config": cfg.fidelity_config.model_dump(mode="json"), "spaces": {}}
-        for name, (fn, description) in spaces.items():
-            with torch_threads(threads):  # the jobs' thread count: features are reproducible too
-                fidelity["spaces"][name] = _fidelity_space(fn, description, data, holdout, y_holdout, cfg)
-        timings["fidelity_s"] = round(time.perf_counter() - t, 2)
-    timings["total_s"] = round(time.perf_counter() - started, 2)
-    timings["torch_threads"] = threads
 
-    body = {
-        "class_names": names,
-        "data": _describe_data(data),
-        "trtr": trtr,
-        "trts": trts,
-        "tstr": tstr,
-        # The headline: does a classifier trained on the release work on real patients, class by class?
-        "tstr_vs_trtr": {m: cmp[m] for m in _PAIRED} | {"bootstrap": cmp["bootstrap"]},
-        "baselines": _baselines(data),
-        # AUROC ratio and difference, kept under their original names (AUROC ranks; it can hide a dead class).
-        "tstr_over_trtr": {**cmp["auroc"]["ratio"], "metric": "auroc", "bootstrap": cmp["bootstrap"]},
-        "tstr_minus_trtr": {**cmp["auroc"]["difference"], "metric": "auroc", "bootstrap": cmp["bootstrap"]},
-        "augmentation": {"ratios": list(cfg.ratios), "curve": curve},
-        "fidelity": fidelity,
-        "classifier_jobs": {name: headers[name]["content_hash"] for name in dirs},
-        "plots": {"roc": ROC},
-        "timings": timings,
+def _fidelity(data: AuditInputs, cfg: UtilityConfig, jobs: _Jobs, extra_spaces: Mapping[str, tuple[FeatureFn, str]],
+              timings: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+    """FID, KID, precision/recall in the TRTR classifier's feature space and each extra space."""
+    say("fidelity: FID, KID, precision/recall")
+    t = time.perf_counter()
+    clf_real = load_job_classifier(jobs.dirs["trtr"], jobs.headers["trtr"], cfg)
+    holdout = np.concatenate([data.val.images, data.test.images])
+    y_holdout = np.concatenate([data.val.labels, data.test.labels])
+    spaces: dict[str, tuple[FeatureFn, str]] = {
+        "classifier": (clf_real.features, "TRTR classifier, penultimate layer (global average pool)"),
+        **extra_spaces,
     }
-    inputs = {"real": data.real.content_hash, "synthetic": data.synthetic.content_hash, **extra_inputs}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        write_json(tmp / ROC, roc)
-        write_header(tmp, HEADER, kind=KIND, schema_version=SCHEMA_VERSION, files=[ROC], inputs=inputs,
-                     config=cfg.model_dump(mode="json"), body=body)
-    return out
+    fidelity: dict[str, Any] = {"reference": "real/train", "config": cfg.fidelity_config.model_dump(mode="json"),
+                                "spaces": {}}
+    for name, (fn, description) in spaces.items():
+        with torch_threads(job_threads(cfg)):  # the jobs' thread count: features are reproducible too
+            fidelity["spaces"][name] = _fidelity_space(fn, description, data, holdout, y_holdout, cfg)
+    timings["fidelity_s"] = round(time.perf_counter() - t, 2)
+    return fidelity
 
 
 def _baselines(data: AuditInputs) -> dict[str, Any]:

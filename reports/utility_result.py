@@ -11,25 +11,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from synth import layout
-from synth.artifacts import read_header
-from synth.errors import InputError, where
+from synth.header_schema import HeaderModel, load_header, parse_header
 
 
-class UtilityAudit(BaseModel):
+class UtilityAudit(HeaderModel):
     """A utility audit directory's header."""
 
-    model_config = ConfigDict(frozen=True, extra="allow")
-
-    kind: str
-    schema_version: int
-    content_hash: str
-    inputs: dict[str, str] = Field(default_factory=dict)
-    config: dict[str, Any] = Field(default_factory=dict)
-    files: list[str] = Field(default_factory=list)
-    created: str
     class_names: list[str]
     trtr: dict[str, Any] | None = None
     trts: dict[str, Any] | None = None
@@ -56,23 +44,17 @@ def paired_ratio(utility: Mapping[str, Any], metric: str) -> float | None:
 
 def parse_utility_audit(header: dict[str, Any], *, source: object) -> UtilityAudit:
     """Validate a `utility.json` header already read (one-line InputError naming `source` when malformed)."""
-    try:
-        return UtilityAudit.model_validate(header)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "header"
-        raise InputError(where(source, f"malformed utility audit header: {loc}: {err['msg']}")) from None
+    return parse_header(UtilityAudit, header, source=source, what="utility audit header")
 
 
 def read_utility_audit(root: Path) -> dict[str, Any]:
     """The header of a utility audit directory as written (a plain dict), after checking it against
     `UtilityAudit`."""
-    header = read_header(Path(root), layout.UTILITY_HEADER, kind=layout.UTILITY_KIND)
-    parse_utility_audit(header, source=Path(root) / layout.UTILITY_HEADER)
-    return header
+    return load_header(UtilityAudit, Path(root), layout.UTILITY_HEADER, kind=layout.UTILITY_KIND,
+                       what="utility audit header")[0]
 
 
 def load_utility_audit(root: Path) -> UtilityAudit:
     """The typed header of a utility audit directory."""
-    header = read_header(Path(root), layout.UTILITY_HEADER, kind=layout.UTILITY_KIND)
-    return parse_utility_audit(header, source=Path(root) / layout.UTILITY_HEADER)
+    return load_header(UtilityAudit, Path(root), layout.UTILITY_HEADER, kind=layout.UTILITY_KIND,
+                       what="utility audit header")[1]

@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from synth import layout
-from synth.artifacts import read_header
 from synth.errors import InputError, where
+from synth.header_schema import HeaderModel, load_header
 
 # The files a loadable model directory holds besides the card (diffusers' save_pretrained layout).
 REQUIRED_PARTS = ("model_index.json", "unet", "scheduler")
@@ -36,18 +36,10 @@ class ModelPrivacyClaim(BaseModel):
     explanation: str | None = None
 
 
-class ModelCard(BaseModel):
-    """A model directory's header. Header keys are strict; the body's training results are free-form extras."""
+class ModelCard(HeaderModel):
+    """A model directory's header. Header keys are strict; the body's training results are free-form extras
+    (`extra(key)`, e.g. `steps`, `final_loss`, `device`)."""
 
-    model_config = ConfigDict(frozen=True, extra="allow")
-
-    kind: str
-    schema_version: int
-    content_hash: str = Field(min_length=1)
-    inputs: dict[str, str] = Field(default_factory=dict)
-    config: dict[str, Any] = Field(default_factory=dict)
-    files: list[str] = Field(default_factory=list)
-    created: str
     conditions: dict[str, Any] | None = None
     class_names: list[str] | None = None
     image: dict[str, Any] | None = None
@@ -65,19 +57,9 @@ class ModelCard(BaseModel):
         """The `TrainConfig` JSON the model was trained with (empty when not recorded)."""
         return dict(self.config.get("train") or {})
 
-    def extra(self, key: str) -> Any:
-        """A body key outside the schema (e.g. `steps`, `final_loss`, `device`), or None."""
-        return (self.model_extra or {}).get(key)
-
 
 def _validated(model_dir: Path) -> tuple[dict[str, Any], ModelCard]:
-    header = read_header(model_dir, layout.MODEL_CARD, kind=layout.MODEL_KIND)
-    try:
-        return header, ModelCard.model_validate(header)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "header"
-        raise InputError(where(model_dir / layout.MODEL_CARD, f"malformed model card: {loc}: {err['msg']}")) from None
+    return load_header(ModelCard, model_dir, layout.MODEL_CARD, kind=layout.MODEL_KIND, what="model card")
 
 
 def _check_complete(model_dir: Path) -> None:

@@ -128,3 +128,107 @@ def test_malformed_headers_are_one_line_errors_naming_the_file(inputs: dict[str,
     card["future_field"] = {"x": 1}
     write_json(model / MODEL_CARD, card)
     assert load_model_card(model).extra("future_field") == {"x": 1}
+
+
+def _tiny_dataset(root: Path) -> Path:
+    import numpy as np
+    import pandas as pd
+
+    from synth.data.canonical import write_dataset
+
+    images = np.arange(4 * 8 * 8, dtype=np.uint8).reshape(4, 8, 8)
+    meta = pd.DataFrame({"image_id": list("abcd"), "split": ["train", "train", "val", "test"], "label": [0, 1, 0, 1]})
+    return write_dataset(root, images, meta, class_names=["no", "yes"], source={"name": "tiny"})
+
+
+def test_dataset_header_is_typed_and_malformed_ones_are_one_line(tmp_path: Path) -> None:
+    from synth.data.canonical import load_dataset, load_dataset_header
+    from synth.layout import DATASET_HEADER
+
+    ds = _tiny_dataset(tmp_path / "ds")
+    info = load_dataset_header(ds)
+    assert info.class_names == ["no", "yes"] and info.counts.total == 4
+    assert info.counts.split("train") == 2 and info.counts.split("synthetic") == 0
+    assert info.counts.per_split() == {"train": 2, "val": 1, "test": 1, "total": 4}
+    assert info.counts.per_class["train"] == {"no": 1, "yes": 1}
+    assert (info.image.height, info.image.channels) == (8, 1)
+
+    header = json.loads((ds / DATASET_HEADER).read_text())
+    header["future_field"] = [1]
+    write_json(ds / DATASET_HEADER, header)
+    assert load_dataset_header(ds).extra("future_field") == [1]  # a newer writer's keys are kept
+
+    header["counts"]["total"] = "four"
+    write_json(ds / DATASET_HEADER, header)
+    with pytest.raises(InputError, match=r"dataset\.json: malformed dataset header: counts\.total") as e:
+        load_dataset_header(ds)
+    assert "\n" not in str(e.value)
+    # Consumers of an opened dataset read through the same schema (the validator alone reads `.header` as is).
+    opened = load_dataset(ds)
+    assert opened.header["counts"]["total"] == "four"
+    with pytest.raises(InputError, match=r"malformed dataset header"):
+        _ = opened.class_names
+
+
+def test_guidance_selection_is_typed(tmp_path: Path) -> None:
+    from reports.guidance import HEADER, KIND, load_guidance, read_guidance
+    from synth.artifacts import write_header
+
+    body = {"guidance_scale": 2.0, "objective": "balanced accuracy", "sampler": "ddim", "steps": 10,
+            "real_val_images": 3, "candidates": [
+                {"guidance_scale": 1.0, "balanced_accuracy": 0.8, "worst_class_sensitivity": 0.7,
+                 "worst_class": "no", "auroc": 0.9},
+                {"guidance_scale": 2.0, "balanced_accuracy": 0.85, "worst_class_sensitivity": None,
+                 "worst_class": None, "auroc": None}]}
+    write_header(tmp_path, HEADER, kind=KIND, schema_version=1, files=[], body=body)
+    selection = load_guidance(tmp_path)
+    assert selection.guidance_scale == 2.0 and read_guidance(tmp_path)["steps"] == 10
+    assert selection.facts() == {"guidance_scale": 2.0, "objective": "balanced accuracy", "candidates": [
+        {"guidance_scale": 1.0, "balanced_accuracy": 0.8, "worst_class_sensitivity": 0.7},
+        {"guidance_scale": 2.0, "balanced_accuracy": 0.85, "worst_class_sensitivity": None}]}
+
+    header = json.loads((tmp_path / HEADER).read_text())
+    del header["guidance_scale"]
+    write_json(tmp_path / HEADER, header)
+    with pytest.raises(InputError, match=r"guidance\.json: malformed guidance selection header: guidance_scale"):
+        load_guidance(tmp_path)
+
+
+def test_verdict_round_trips_and_malformed_files_are_one_line(tmp_path: Path) -> None:
+    from flows.policy import GateInputs, Verdict
+    from reports.verdict import read_verdict
+
+    verdict = gate(GateInputs(dp=False, flagged_fraction=0.0, disclosure_violations=2), Policy())
+    assert isinstance(verdict, Verdict)
+    path = tmp_path / "verdict.json"
+    path.write_text(verdict.model_dump_json(indent=2))  # as flows.stages.gate_stage writes it
+    again = read_verdict(path)
+    assert again == verdict and again.reasons == verdict.reasons and not again.passed
+
+    data = json.loads(path.read_text())
+    data["checks"][0]["passed"] = "yes"
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=r"verdict\.json: verdict check 0 needs a 'rule' \(text\) and 'passed'") as e:
+        read_verdict(path)
+    assert "\n" not in str(e.value)
+    path.write_text("[1]")
+    with pytest.raises(InputError, match=r"verdict\.json: a verdict must be a JSON object, got list"):
+        read_verdict(path)
+
+
+def test_report_summary_is_typed(inputs: dict[str, Any], tmp_path: Path) -> None:
+    from reports.report_summary import load_report_summary
+    from synth.artifacts import read_header as raw
+
+    report = render_report(privacy_dir=inputs["privacy"], utility_dir=inputs["utility"], real_dir=inputs["real"],
+                           synthetic_dir=inputs["synthetic"], out=tmp_path / "report", public=True)
+    summary = load_report_summary(report)
+    body = raw(report, SUMMARY, kind="report")
+    assert summary.public is True and summary.verdict is None and not summary.gate_evaluated
+    assert [k.key for k in summary.key_numbers] == [k["key"] for k in body["key_numbers"]]
+    assert summary.count("not_judged") == len(body["key_numbers"]) == body["status_counts"]["not_judged"]
+
+    body["key_numbers"][0]["status"] = None
+    write_json(report / SUMMARY, body)
+    with pytest.raises(InputError, match=r"summary\.json: malformed report summary: key_numbers\.0\.status"):
+        load_report_summary(report)

@@ -3,6 +3,10 @@
     images.npy        uint8, N×H×W (grayscale) or N×H×W×C (RGB)
     metadata.parquet  image_id, split, label, [patient_id], [attributes...], sha256 (of the pixels)
     dataset.json      header: source, content hash, class names, license, counts, duplicate findings
+
+`write_dataset` writes it; consumers read the header through `DatasetHeader` (`Dataset.info`, or
+`load_dataset_header` when only the header is needed). `Dataset.header` stays the header as written, for the
+validator, which reads damaged headers to report what is wrong with them rather than refusing them.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
 from synth import layout
 from synth.artifacts import atomic_dir, read_header, verify_content, write_header
 from synth.errors import InputError, where
+from synth.header_schema import HeaderModel, load_header, parse_header
 
 KIND = "dataset"
 SCHEMA_VERSION = 1
@@ -125,20 +131,80 @@ def write_dataset(
     return Path(out)
 
 
+class ImageSpec(BaseModel):
+    """`image_spec` of the stored array."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    channels: int = Field(ge=1)
+    dtype: str = "uint8"
+
+
+class DatasetCounts(BaseModel):
+    """`split_counts`: `total`, `per_class[split][class]`, and one count per split (extra keys)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    total: int = Field(ge=0)
+    per_class: dict[str, dict[str, int]] = Field(default_factory=dict)
+
+    def split(self, name: str) -> int:
+        """Images in split `name` (0 when the set has none)."""
+        return int((self.model_extra or {}).get(name) or 0)
+
+    def per_split(self) -> dict[str, int]:
+        """Images per split in the header's (pipeline) order, then `total`."""
+        return {**{str(k): int(v) for k, v in (self.model_extra or {}).items()}, "total": self.total}
+
+
+class DatasetHeader(HeaderModel):
+    """A canonical dataset's header (`dataset.json`). `generation` and `filtered` are set on generated sets and on
+    sets filtered by the privacy audit; `generation_columns` names a generator's per-image bookkeeping columns."""
+
+    source: dict[str, Any] = Field(default_factory=dict)
+    class_names: list[str] = Field(min_length=1)
+    license: str = "unknown"
+    attribution: str = ""
+    image: ImageSpec
+    attributes: list[str] = Field(default_factory=list)
+    has_patient_id: bool = False
+    counts: DatasetCounts
+    duplicates: dict[str, Any] = Field(default_factory=dict)
+    generation: dict[str, Any] | None = None
+    generation_columns: list[str] = Field(default_factory=list)
+    filtered: dict[str, Any] | None = None
+
+
+WHAT = "dataset header"
+
+
+def load_dataset_header(root: Path) -> DatasetHeader:
+    """The typed header of the canonical dataset at `root` (one-line InputError naming the file when it is
+    missing or malformed); reads no pixels."""
+    return load_header(DatasetHeader, Path(root), HEADER, kind=KIND, what=WHAT)[1]
+
+
 @dataclass(frozen=True)
 class Dataset:
     """A canonical dataset on disk. Images are memory-mapped, so opening one is cheap."""
 
     root: Path
-    header: dict[str, Any]
+    header: dict[str, Any]  # as written (see the module docstring); `info` is the typed, checked form
+
+    @cached_property
+    def info(self) -> DatasetHeader:
+        """The typed header (one-line InputError naming `dataset.json` when malformed)."""
+        return parse_header(DatasetHeader, self.header, source=self.root / HEADER, what=WHAT)
 
     @property
     def class_names(self) -> list[str]:
-        return list(self.header["class_names"])
+        return list(self.info.class_names)
 
     @property
     def content_hash(self) -> str:
-        return str(self.header["content_hash"])
+        return self.info.content_hash
 
     @cached_property
     def images(self) -> np.ndarray:

@@ -1,0 +1,121 @@
+"""Stages of the generator: training (optionally DP, optionally with torchrun), the guidance scale's selection,
+and generation of the synthetic set (sharded or not)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from flows.release_config import ReleaseConfig
+from flows.stage_runner import (
+    GUIDANCE,
+    MODEL,
+    SYNTHETIC,
+    artifact_hash,
+    build_config,
+    interactive,
+    run_stage,
+    shard_name,
+)
+from synth.errors import ConfigError
+
+
+def train_stage(cfg: ReleaseConfig, dataset: Path) -> Path:
+    """The generator. A crashed run resumes from its checkpoint (same config ⇒ same weights)."""
+    from synth.training import train
+
+    train_cfg = cfg.train.model_copy(update={"device": cfg.device})
+    config = {"train": train_cfg.model_dump(mode="json"), "dp": cfg.dp.model_dump(mode="json")}
+
+    def build(out: Path) -> Path:
+        ckpt = out.parent / f"{out.name}.ckpt"
+        dp = cfg.dp.config() if cfg.dp.enabled else None
+        if cfg.launch.nproc > 1:
+            from flows.distributed import launch_training
+
+            return launch_training(dataset, out, train_cfg, nproc=cfg.launch.nproc, dp=dp,
+                                   backend=cfg.launch.backend, resume=ckpt.exists(), checkpoint_dir=ckpt,
+                                   progress=interactive())
+        privacy = None
+        if dp is not None:
+            from privacy.dp import build_strategy
+
+            privacy = build_strategy(dp, dataset=dataset, noise_multiplicity=train_cfg.noise_multiplicity)
+        return train(dataset, out, train_cfg, privacy=privacy, resume=ckpt.exists(), checkpoint_dir=ckpt,
+                     progress=interactive())
+
+    return run_stage(cfg.workdir, MODEL, inputs={"dataset": artifact_hash(dataset)}, config=config, build=build)
+
+
+def _generation_config(cfg: ReleaseConfig) -> dict[str, Any]:
+    from synth.sampling import DEFAULT_SAMPLER
+
+    return {**cfg.generate.model_dump(mode="json"), "sampler": cfg.generate.sampler or DEFAULT_SAMPLER}
+
+
+def guidance_stage(cfg: ReleaseConfig, dataset: Path, model: Path) -> ReleaseConfig:
+    """The config with its guidance scale fixed: as given, or (`guidance_scale: auto`) chosen on the real
+    validation split for the utility the gate judges (`reports/guidance.py`)."""
+    g = cfg.generate
+    if g.guidance_scale != "auto":
+        return cfg
+    from reports.guidance import GuidanceSelectionConfig, load_guidance, select_guidance
+
+    selection = build_config(GuidanceSelectionConfig, g.guidance_selection, "generate.guidance_selection")
+    sampler = _generation_config(cfg)["sampler"]
+    out = run_stage(
+        cfg.workdir, GUIDANCE, inputs={"dataset": artifact_hash(dataset), "model": artifact_hash(model)},
+        config={"selection": selection.model_dump(mode="json"), "sampler": sampler, "steps": g.steps,
+                "batch_size": g.batch_size},
+        build=lambda out: select_guidance(dataset, model, out, sampler=sampler, steps=g.steps, config=selection,
+                                          device=cfg.device, batch_size=g.batch_size, progress=print),
+    )
+    chosen = load_guidance(out).guidance_scale
+    return cfg.model_copy(update={"generate": g.model_copy(update={"guidance_scale": chosen})})
+
+
+def guidance_facts(cfg: ReleaseConfig) -> dict[str, Any] | None:
+    """What the guidance selection tried and chose (None when the scale was given, not selected)."""
+    from reports.guidance import load_guidance
+
+    if cfg.generate.guidance_scale != "auto" or not (cfg.workdir / GUIDANCE).is_dir():
+        return None
+    return load_guidance(cfg.workdir / GUIDANCE).facts()
+
+
+def generate_stage(cfg: ReleaseConfig, model: Path, *, shard_index: int = 0, shard_count: int = 1) -> Path:
+    """The synthetic set (or one shard of it: images i with i % shard_count == shard_index), every image's seed
+    recorded."""
+    from synth.generate import generate
+
+    g, config = cfg.generate, _generation_config(cfg)
+    if g.guidance_scale == "auto":
+        raise ConfigError("generate.guidance_scale is 'auto': pass the config returned by guidance_stage, which "
+                          "holds the chosen scale")
+    name = SYNTHETIC if shard_count == 1 else shard_name(SYNTHETIC, shard_index, shard_count)
+    return run_stage(
+        cfg.workdir, name, inputs={"model": artifact_hash(model)},
+        config={**config, "shard_index": shard_index, "shard_count": shard_count} if shard_count > 1 else config,
+        build=lambda out: generate(
+            model, out, n=None if g.per_class else g.n, per_class=g.per_class, balance=g.balance,
+            sampler=config["sampler"],
+            steps=g.steps, guidance_scale=g.guidance_scale, batch_size=g.batch_size, seed=g.seed,
+            shard_index=shard_index, shard_count=shard_count, device=cfg.device,
+            progress=interactive() and shard_count == 1,
+        ),
+    )
+
+
+def merge_synthetic_stage(cfg: ReleaseConfig, model: Path, shards: Sequence[Path]) -> Path:
+    """The synthetic set from its shards: byte-identical to the single-shard run with the same seed."""
+    from synth.generate import merge_shards
+
+    if len(shards) == 1 and Path(shards[0]).name == SYNTHETIC:
+        return Path(shards[0])
+    return run_stage(
+        cfg.workdir, SYNTHETIC,
+        inputs={"model": artifact_hash(model), **{f"shard{i}": artifact_hash(p) for i, p in enumerate(shards)}},
+        config={**_generation_config(cfg), "merged_from": len(shards)},
+        build=lambda out: merge_shards(list(shards), out),
+    )
