@@ -49,7 +49,8 @@ def train_cmd(
     = False,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Checkpoint folder (default: MODEL.ckpt).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(
+        "--progress/--no-progress", help="Show progress: a bar on a terminal, else throttled lines on stderr.")] = True,
     nproc: Annotated[
         int, typer.Option("--nproc", help="Training processes on this machine (torchrun; DDP, or Opacus' distributed "
                                           "DP-SGD with --dp). Same global batch, steps and ε as one process.")
@@ -90,18 +91,21 @@ def train_cmd(
             accountant=accountant, max_physical_batch_size=max_physical_batch_size,
         )
 
-    if nproc > 1:
-        from synth.distributed import launch_training
+    from flows.cli_progress import cli_progress
 
-        # Each worker builds its own strategy from the config (the one built here has checked it early).
-        path = launch_training(dataset, out, train_config, nproc=nproc, backend=backend,
-                               dp=strategy.config.to_dict() if strategy is not None else None,
-                               resume=resume, checkpoint_dir=checkpoint_dir, progress=progress)
-    else:
-        from synth.training import train
+    with cli_progress(progress) as bar:  # a bar on a terminal, throttled lines on stderr otherwise
+        if nproc > 1:
+            from synth.distributed import launch_training
 
-        path = train(dataset, out, train_config, privacy=strategy, progress=progress, resume=resume,
-                     checkpoint_dir=checkpoint_dir)
+            # Each worker builds its own strategy from the config (the one built here has checked it early).
+            path = launch_training(dataset, out, train_config, nproc=nproc, backend=backend,
+                                   dp=strategy.config.to_dict() if strategy is not None else None,
+                                   resume=resume, checkpoint_dir=checkpoint_dir, progress=bar)
+        else:
+            from synth.training import train
+
+            path = train(dataset, out, train_config, privacy=strategy, progress=bar, resume=resume,
+                         checkpoint_dir=checkpoint_dir)
 
     from synth.artifacts import read_header
 
