@@ -69,8 +69,11 @@ def privacy_cmd(
         max_flagged_fraction=max_flagged_fraction,
         membership=MembershipConfig(n=membership_n) if membership else None,
     )
+    from flows.cli_progress import cli_progress
+
+    # The spinner's text follows the progress lines on a terminal; elsewhere the lines go to stderr.
     with console.status("auditing privacy (training the copy-detection encoder)" if encoder is None
-                        else "auditing privacy"):
+                        else "auditing privacy") as status, cli_progress(status=status):
         path = audit_privacy(real, synthetic, out, model_dir=model, config=config, filter_out=filter_out)
     header = read_privacy_audit(path)
     print_privacy(header)

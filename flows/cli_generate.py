@@ -65,7 +65,9 @@ def register(app: typer.Typer) -> None:
         shard_count: int = typer.Option(1, "--shard-count", help="How many shards the run is split into."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:0, mps."),
         weights: str = typer.Option("ema", "--weights", help="ema (default) or raw."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        progress: bool = typer.Option(
+            True, "--progress/--no-progress", help="Show progress: a bar on a terminal, else throttled lines on stderr."
+        ),
     ) -> None:
         """Sample a synthetic canonical dataset (split 'synthetic') from a trained model."""
         if n is None and per_class is None:
@@ -84,26 +86,28 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"--balance must be uniform or prior, got {balance!r}")
         counts = parse_per_class(per_class) if per_class is not None else None
 
+        from flows.cli_progress import cli_progress
         from synth.generate import generate
         from synth.sampling import DEFAULT_SAMPLER
 
-        result = generate(
-            model,
-            out,
-            n=n,
-            per_class=counts,
-            balance=balance,
-            sampler=sampler or DEFAULT_SAMPLER,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            batch_size=batch_size,
-            seed=seed,
-            shard_index=shard_index,
-            shard_count=shard_count,
-            device=device,
-            weights=weights,
-            progress=progress,
-        )
+        with cli_progress(progress) as bar:  # a bar on a terminal, throttled lines on stderr otherwise
+            result = generate(
+                model,
+                out,
+                n=n,
+                per_class=counts,
+                balance=balance,
+                sampler=sampler or DEFAULT_SAMPLER,
+                steps=steps,
+                guidance_scale=guidance_scale,
+                batch_size=batch_size,
+                seed=seed,
+                shard_index=shard_index,
+                shard_count=shard_count,
+                device=device,
+                weights=weights,
+                progress=bar,
+            )
         typer.echo(str(result))
 
     @app.command("generate-merge")

@@ -50,7 +50,8 @@ def train_cmd(
     = False,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Checkpoint folder (default: MODEL.ckpt).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(
+        "--progress/--no-progress", help="Show progress: a bar on a terminal, else throttled lines on stderr.")] = True,
     nproc: Annotated[
         int, typer.Option("--nproc", help="Training processes on this machine (torchrun; DDP, or Opacus' distributed "
                                           "DP-SGD with --dp). Same global batch, steps and ε as one process.")
@@ -83,18 +84,21 @@ def train_cmd(
     }
     train_config = load_train_config(preset=preset, config_file=config, overrides=overrides)
 
-    if nproc > 1:
-        from flows.distributed import launch_training
+    from flows.cli_progress import cli_progress
 
-        # The workers build their strategies from this same config (Opacus' objects do not cross processes).
-        path = launch_training(dataset, out, train_config, nproc=nproc, backend=backend, dp=dp_config,
-                               resume=resume, checkpoint_dir=checkpoint_dir, progress=progress)
-    else:
-        from synth.training import train
+    with cli_progress(progress) as bar:  # a bar on a terminal, throttled lines on stderr otherwise
+        if nproc > 1:
+            from flows.distributed import launch_training
 
-        strategy = _strategy(dp_config, dataset, train_config.noise_multiplicity) if dp_config else None
-        path = train(dataset, out, train_config, privacy=strategy, progress=progress, resume=resume,
-                     checkpoint_dir=checkpoint_dir)
+            # The workers build their strategies from this same config (Opacus' objects do not cross processes).
+            path = launch_training(dataset, out, train_config, nproc=nproc, backend=backend, dp=dp_config,
+                                   resume=resume, checkpoint_dir=checkpoint_dir, progress=bar)
+        else:
+            from synth.training import train
+
+            strategy = _strategy(dp_config, dataset, train_config.noise_multiplicity) if dp_config else None
+            path = train(dataset, out, train_config, privacy=strategy, progress=bar, resume=resume,
+                         checkpoint_dir=checkpoint_dir)
 
     from synth.model_card import read_model_card
 

@@ -68,9 +68,13 @@ def utility_cmd(
     # Re-validate the merged settings so a bad flag value is a one-line config error, not a silent override.
     cfg = build(UtilityConfig, {**cfg.model_dump(), **update}, source="command line")
 
-    with console.status("utility audit") as status:
+    from flows.cli_progress import cli_progress
+    from synth.progress import phase
+
+    # Each step of the audit is a progress line: the spinner's text on a terminal, a line on stderr elsewhere.
+    with console.status("utility audit") as status, cli_progress(status=status):
         path = audit_utility(real, synthetic, out, config=cfg, overwrite=overwrite,
-                             progress=lambda msg: status.update(msg))
+                             progress=lambda msg: phase("utility audit", msg))
     from reports.utility_result import read_utility_audit
 
     result = read_utility_audit(path)

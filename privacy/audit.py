@@ -73,6 +73,7 @@ from synth import layout
 from synth.artifacts import atomic_dir, read_header, sha256_file, verify_content, write_header, write_json
 from synth.data.canonical import Dataset, image_spec, load_dataset
 from synth.errors import ConfigError, InputError, where
+from synth.progress import phase
 
 KIND = layout.PRIVACY_AUDIT_KIND
 SCHEMA_VERSION = 1
@@ -84,6 +85,7 @@ ENCODER_DIR = "encoder"
 MEMBER_SPLIT = "train"
 HOLDOUT_SPLITS = ("val", "test")
 REFERENCE_KIND = "privacy_reference"
+PHASE = "privacy audit"  # the prefix of its progress lines (synth.progress)
 REFERENCE_HEADER = "reference.json"
 SHARD_KIND = "memorization_shard"
 SHARD_HEADER = "shard.json"
@@ -495,7 +497,9 @@ def audit_privacy(
     n_synth = len(inputs.synth)
     if reference is None:
         encoder, trained = _encoder(config, inputs.real, inputs.train)
+        phase(PHASE, f"memorization: embedding {len(inputs.train)} training and {len(inputs.holdout)} holdout images")
         ref = prepare_reference(inputs.train, inputs.holdout, encoder=encoder, config=config.memorization)
+        phase(PHASE, f"memorization: nearest training image of {n_synth} synthetic images")
         parts = [search_shard(ref, inputs.synth.images)]
         encoder_source: Path | None = None
         threads: list[Any] = []
@@ -514,7 +518,9 @@ def audit_privacy(
     result = merge_shards(ref, inputs.synth, parts)
     membership = None
     if model_dir is not None and config.membership is not None:
+        phase(PHASE, "membership inference: started")
         membership = membership_summary(membership_audit(Path(model_dir), Path(real_dir), config=config.membership))
+        phase(PHASE, "membership inference: done")
 
     ledger_json = None if ledger is None else {**ledger.to_json(), "message": ledger.message()}
     findings = _findings(config, result.summary, disclosure.to_json(), ledger_json, inputs)

@@ -17,6 +17,9 @@ MODEL_CARD = "model_card.json"
 MODEL_KIND = "model"
 PRIVACY_LEDGER = "privacy_ledger.json"  # DP runs only (privacy/ledger.py)
 EMA_DIR = "unet_ema"
+# The standalone pipeline for plain diffusers (synth/diffusers_pipeline.py); diffusers' name for a local custom
+# pipeline file (`custom_pipeline=<model dir>` looks for exactly this name).
+PIPELINE_FILE = "pipeline.py"
 # Privacy audit (privacy/audit.py).
 PRIVACY_AUDIT_HEADER = "privacy.json"
 PRIVACY_AUDIT_KIND = "privacy_audit"

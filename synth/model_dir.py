@@ -1,6 +1,8 @@
 """The model directory a training run writes (and `synth.pipeline.load_pipeline` reads), written atomically:
 
     model_index.json                                   ConditionalDiffusionPipeline(unet, scheduler).save_pretrained
+    pipeline.py                                        the standalone pipeline (synth/diffusers_pipeline.py, copied)
+                                                       so plain diffusers loads the directory (see that module)
     unet/config.json, unet/diffusion_pytorch_model.safetensors           the raw (last-step) weights
     scheduler/scheduler_config.json                    the DDPMScheduler it was trained with (samplers derive from it)
     unet_ema/config.json, unet_ema/diffusion_pytorch_model.safetensors   the EMA weights (the ones to sample from)
@@ -25,12 +27,43 @@ KIND = layout.MODEL_KIND
 SCHEMA_VERSION = 1
 LEDGER = layout.PRIVACY_LEDGER
 EMA_DIR = layout.EMA_DIR
+PIPELINE_FILE = layout.PIPELINE_FILE
+
+
+def pipeline_source() -> bytes:
+    """The standalone pipeline's source (`synth/diffusers_pipeline.py`): what every model directory's `pipeline.py`
+    holds, byte for byte."""
+    from synth import diffusers_pipeline
+
+    return Path(diffusers_pipeline.__file__).read_bytes()
 
 
 def payload_files(root: Path) -> list[str]:
     """Every file under `root` except the model card, as sorted POSIX relative paths."""
     root = Path(root)
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MODEL_CARD)
+
+
+def diffusers_usage() -> dict[str, str]:
+    """The card's `diffusers` entry: how to load and sample the directory with plain diffusers (no synthgate).
+    Exactly what tests/test_pipeline_diffusers.py runs; keep README.md's "Model directory" section in step."""
+    load = ("DiffusionPipeline.from_pretrained(MODEL_DIR, custom_pipeline=str(MODEL_DIR), trust_remote_code=True, "
+            "low_cpu_mem_usage=False, unet=UNet2DModel.from_pretrained(MODEL_DIR, subfolder='unet_ema', "
+            "low_cpu_mem_usage=False))")
+    return {
+        "pipeline": PIPELINE_FILE,
+        "load": load,
+        "call": "pipe(class_labels=[...], num_inference_steps=50, guidance_scale=1.0, "
+                "generator=[torch.Generator().manual_seed(s) for s in seeds]).images",
+        "notes": (
+            "diffusers >= 0.42, offline. trust_remote_code=True runs this directory's pipeline.py (torch and "
+            "diffusers only; covered by this card's content hash). DiffusionPipeline.from_pretrained(MODEL_DIR) "
+            "without custom_pipeline does not work: model_index.json names ConditionalDiffusionPipeline, which "
+            "diffusers does not ship. Without unet=... the raw last-step weights in unet/ are used; synthgate "
+            "samples from unet_ema/ by default. class label i is condition index i (see conditions). "
+            "low_cpu_mem_usage=False avoids diffusers' warning when accelerate is not installed."
+        ),
+    }
 
 
 def privacy_summary(*, epsilon: float, ledger: Mapping[str, Any], noise_multiplicity: int) -> dict[str, Any]:
@@ -93,8 +126,8 @@ def write_model_dir(
     `unet`/`ema_unet` are `UNet2DModel`s (saved from the CPU), `scheduler` the training `DDPMScheduler`,
     `train_config` the `TrainConfig.to_json()`. The card's body holds `conditions` (ConditionSpace JSON),
     `class_names`, `image` (height, width, channels), `condition_counts` (training images per condition index),
-    `weights` (which folder holds which weights), `privacy` (None or `privacy_summary(...)`) and `extra`
-    (seeds, steps, epochs, time, device, losses ...).
+    `weights` (which folder holds which weights), `privacy` (None or `privacy_summary(...)`), `diffusers` (how to
+    load it without synthgate: `diffusers_usage()`) and `extra` (seeds, steps, epochs, time, device, losses ...).
     """
     from synth.pipeline import ConditionalDiffusionPipeline
 
@@ -102,6 +135,8 @@ def write_model_dir(
     with atomic_dir(out) as tmp:
         ConditionalDiffusionPipeline(unet=unet.to("cpu"), scheduler=scheduler).save_pretrained(tmp)
         ema_unet.to("cpu").save_pretrained(tmp / EMA_DIR)
+        # Before the card, so the card's `files` and content hash cover the code that samples from the weights.
+        (tmp / PIPELINE_FILE).write_bytes(pipeline_source())
         if privacy_ledger is not None:
             write_json(tmp / LEDGER, dict(privacy_ledger))
         body = {
@@ -111,6 +146,7 @@ def write_model_dir(
             "condition_counts": [int(c) for c in condition_counts],
             "weights": {"ema": EMA_DIR, "raw": "unet", "default": "ema"},
             "privacy": dict(privacy) if privacy is not None else None,
+            "diffusers": diffusers_usage(),
             **dict(extra or {}),
         }
         write_header(

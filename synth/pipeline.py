@@ -1,9 +1,11 @@
-"""Our class-conditional diffusion pipeline: a `DiffusionPipeline` with classifier-free guidance and per-image
-random generators.
+"""Our class-conditional diffusion pipeline: a `DiffusionPipeline` with classifier-free guidance, per-image random
+generators and synthgate's samplers.
 
-diffusers' `DDPMPipeline` cannot take class labels, so this pipeline owns the sampling loop. It is saved and loaded
-with the standard `save_pretrained` / `from_pretrained` (model_index.json, unet/, scheduler/); a model directory
-also holds `unet_ema/` and `model_card.json`, which `load_pipeline` reads to choose weights and sampler.
+diffusers' `DDPMPipeline` cannot take class labels, so the sampling loop lives in `synth.diffusers_pipeline`, a
+standalone file (torch + diffusers only) that every model directory carries as `pipeline.py` so plain diffusers can
+load it; the class here subclasses it. It is saved and loaded with the standard `save_pretrained` /
+`from_pretrained` (model_index.json, unet/, scheduler/); a model directory also holds `unet_ema/` and
+`model_card.json`, which `load_pipeline` reads to choose weights and sampler.
 
 Determinism: with one `torch.Generator` per image, an image's initial noise and every stochastic step's noise come
 from its own generator, and the UNet's per-sample output does not depend on the other samples in a batch of the
@@ -13,16 +15,17 @@ same size (checked on CPU), so an image depends only on its seed, its condition 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers import UNet2DModel
 
 from synth.device import resolve_device
+from synth.diffusers_pipeline import ConditionalDiffusionPipeline as StandalonePipeline
+from synth.diffusers_pipeline import to_uint8_tensor
 from synth.errors import ConfigError, InputError, where
 from synth.layout import EMA_DIR
 from synth.model_card import read_model_card as read_model_card  # re-exported: callers load pipeline and card together
@@ -33,34 +36,31 @@ Weights = Literal["ema", "raw"]
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] N×C×H×W floats → uint8 N×H×W (one channel) or N×H×W×C numpy."""
-    img = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    img = img.transpose(0, 2, 3, 1)
+    img = to_uint8_tensor(x).cpu().numpy().transpose(0, 2, 3, 1)
     return img[..., 0] if img.shape[-1] == 1 else img
 
 
-class ConditionalDiffusionPipeline(DiffusionPipeline):
+class ConditionalDiffusionPipeline(StandalonePipeline):
     """Class-conditional sampling with classifier-free guidance (CFG) for a `UNet2DModel` with class embeddings.
 
-    The UNet's last class-embedding index (`num_class_embeds - 1`) is the null condition. Set a sampler with
-    `set_sampler`; `__call__` then uses its steps, guidance scale and eta unless given explicitly.
+    The sampling loop is the standalone pipeline's (`synth.diffusers_pipeline`, the `pipeline.py` of every model
+    directory), so plain diffusers and synthgate draw the same pixels. This subclass adds samplers: set one with
+    `set_sampler`; `__call__` then uses its steps, guidance scale and eta unless given explicitly. It keeps the
+    class name the model directory's `model_index.json` records.
     """
 
-    unet: UNet2DModel
-    model_cpu_offload_seq = "unet"
-
     def __init__(self, unet: UNet2DModel, scheduler: Any):
-        super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        super().__init__(unet=unet, scheduler=scheduler)
         # The trained noise schedule: every sampler is built from it, whatever scheduler is active later.
         self.trained_scheduler_config: dict[str, Any] = dict(scheduler.config)
         self.sampler_config: SamplerConfig | None = None
 
     @property
     def null_condition(self) -> int:
-        n = self.unet.config.num_class_embeds
-        if not n or n < 2:
-            raise ConfigError(f"UNet has num_class_embeds={n}; a conditional model needs >= 2 (last = null)")
-        return int(n) - 1
+        try:
+            return super().null_condition
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def set_sampler(self, sampler: str | SamplerConfig) -> SamplerConfig:
         """Swap in the scheduler for `sampler` (built from the trained DDPM config) and return its config."""
@@ -69,12 +69,11 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         self.sampler_config = cfg
         return cfg
 
-    def _default_steps(self) -> int:
+    def default_steps(self) -> int:
+        """The sampler's steps when one is set, else the standalone default (DDPM: every training step; 50)."""
         if self.sampler_config is not None:
             return self.sampler_config.steps
-        if type(self.scheduler).__name__ == "DDPMScheduler":
-            return int(self.scheduler.config.num_train_timesteps)
-        return 50
+        return super().default_steps()
 
     def _conditions(self, conditions: torch.Tensor | Sequence[int]) -> torch.Tensor:
         c = torch.as_tensor(conditions if isinstance(conditions, torch.Tensor) else list(conditions))
@@ -89,18 +88,8 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
             raise ConfigError(f"condition {int(bad[0])} outside 0..{null} (null condition = {null})")
         return c
 
-    def _noise(self, n: int, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
-        cfg = self.unet.config
-        shape = (n, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        # Drawn on the CPU (where our generators live) so a seed gives the same noise on every device.
-        if isinstance(generator, list):
-            noise = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
-        else:
-            noise = torch.randn(shape, generator=generator)
-        return noise.to(device=self.device, dtype=self.unet.dtype)
-
     @torch.no_grad()
-    def __call__(
+    def __call__(  # type: ignore[override]  # synthgate's calling convention: uint8 arrays, sampler defaults
         self,
         conditions: torch.Tensor | Sequence[int],
         *,
@@ -126,36 +115,12 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
             raise ConfigError(f"output_type {output_type!r} is not 'np' or 'pt'")
         sampler = self.sampler_config
         w = float(guidance_scale if guidance_scale is not None else (sampler.guidance_scale if sampler else 1.0))
-        steps = int(num_inference_steps or self._default_steps())
+        steps = int(num_inference_steps or self.default_steps())
         eta = float(eta if eta is not None else (sampler.eta if sampler else 0.0))
         if w < 0:
             raise ConfigError(f"guidance_scale {w} is negative")
-
-        self.scheduler.set_timesteps(steps, device=self.device)
-        x = self._noise(n, generator) * self.scheduler.init_noise_sigma
-        cond = cond.to(self.device)
-        guided = w != 1.0
-        labels = torch.cat([cond, torch.full_like(cond, self.null_condition)]) if guided else cond
-        step_params = inspect.signature(self.scheduler.step).parameters
-        step_kwargs: dict[str, Any] = {}
-        if "generator" in step_params:
-            step_kwargs["generator"] = generator
-        if "eta" in step_params:
-            step_kwargs["eta"] = eta
-
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_in = self.scheduler.scale_model_input(x, t)
-            if guided:
-                eps_cond, eps_null = self.unet(torch.cat([model_in, model_in]), t, class_labels=labels).sample.chunk(2)
-                eps = eps_null + w * (eps_cond - eps_null)
-            else:
-                eps = self.unet(model_in, t, class_labels=labels).sample
-            x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
-
-        self.maybe_free_model_hooks()
-        if output_type == "pt":
-            return x.clamp(-1, 1)
-        return to_uint8(x)
+        x = self.sample(cond, guidance_scale=w, num_inference_steps=steps, generator=generator, eta=eta)
+        return x if output_type == "pt" else to_uint8(x)
 
 
 @contextlib.contextmanager

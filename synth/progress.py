@@ -4,15 +4,18 @@ Two outputs, so that no stage is silent for minutes wherever it runs:
 - a tqdm bar on stderr, for a person at a terminal (`bar=True`);
 - log lines on the `synthgate.progress` logger (INFO), at most one every `every_s` seconds or each `every_pct`
   percent, plus a start and an end line. The release flow routes this logger to the Prefect run's logs
-  (`flows.release`), and `log_to_stderr()` shows it on a terminal that has no bar (CI, `| tee`, Prefect workers).
+  (`flows.release`), and `log_to_stderr()` / `lines_on_stderr()` show it where stderr is not a terminal (CI,
+  `| tee`, `2> log`, Prefect workers); the CLI chooses between bar and lines (`flows.cli_progress`).
 With no handler configured the lines go nowhere (Python's last-resort handler shows only warnings).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 LOGGER = "synthgate.progress"
@@ -22,14 +25,55 @@ EVERY_S = 15.0  # at most one log line per this many seconds...
 EVERY_PCT = 10.0  # ...or per this many percent of the total, whichever comes first
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a line is emitted (not when the handler was made), so a line lands
+    where the process's stderr points now (a redirect, a test's capture)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # logging.StreamHandler.__init__ assigns it; the property ignores that
+        pass
+
+
+def _stderr_handler() -> logging.Handler | None:
+    return next((h for h in log.handlers if isinstance(h, _StderrHandler)), None)
+
+
 def log_to_stderr() -> None:
     """Show progress lines on stderr (once per process): for a terminal without bars, or a log file."""
-    if not any(getattr(h, "_synthgate_stderr", False) for h in log.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        handler._synthgate_stderr = True  # type: ignore[attr-defined]
-        log.addHandler(handler)
+    if _stderr_handler() is None:
+        log.addHandler(_StderrHandler())
     log.setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def handler_attached(handler: logging.Handler) -> Iterator[None]:
+    """Progress lines also go to `handler` inside the block (the logger's level and handlers restored after)."""
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
+def lines_on_stderr() -> Iterator[None]:
+    """Progress lines on stderr inside the block (a no-op where `log_to_stderr` already put them there)."""
+    if _stderr_handler() is not None:
+        yield
+        return
+    with handler_attached(_StderrHandler()):
+        yield
 
 
 def _duration(seconds: float) -> str:

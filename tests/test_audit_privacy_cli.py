@@ -64,6 +64,10 @@ def test_audit_writes_the_artifact_and_filters(tmp_path, pneumonia_slice, synthe
     code = run(["audit", "privacy", "--real", str(pneumonia_slice), "--synthetic", str(synthetic), "--out", str(out),
                 "--filter", str(filtered), *STEPS])
     assert code == 0, capsys.readouterr()
+    # stderr is not a terminal here: the stages are progress lines on stderr (flows/cli_progress.py)
+    err = capsys.readouterr().err
+    assert "privacy reference: copy-detection encoder: started (10 steps)" in err
+    assert "privacy audit: memorization: nearest training image of 44 synthetic images" in err
     header = read_header(out, "privacy.json", kind="privacy_audit")
     verify_content(out, header)
     real, syn = load_dataset(pneumonia_slice), load_dataset(synthetic)

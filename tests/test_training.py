@@ -224,6 +224,7 @@ def test_model_directory_layout_and_header(trained, pneumonia_slice: Path) -> No
     assert files == [
         "model_card.json",
         "model_index.json",
+        "pipeline.py",  # the standalone pipeline for plain diffusers (tests/test_pipeline_diffusers.py)
         "scheduler/scheduler_config.json",
         "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",

@@ -328,9 +328,12 @@ def test_cli_runs_the_audit_and_matches_the_function(pneumonia_slice: Path, tmp_
                 "--real", str(pneumonia_slice), "--synthetic", str(syn), "--out", str(out),
                 "--epochs", "2", "--seed", "3", "--ratios", "1,2", "--bootstrap", "100", "--config", str(cfg_file),
                 "--encoder", str(encoder), "--threads", "1"])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert code == 0, printed
     assert "TSTR" in printed and "utility.json" in printed
+    # stderr is not a terminal here: each audit step is a progress line on stderr (flows/cli_progress.py)
+    assert "utility audit: TRTS: scoring 64 synthetic images" in captured.err
     header = read_header(out, HEADER, kind=KIND)
     cfg = header["config"]
     assert cfg["classifier"] == {**cfg["classifier"], "epochs": 2, "seed": 3, "width": 8, "threads": 1}
