@@ -52,7 +52,8 @@ def privacy_cmd(
     from privacy.audit import PrivacyAuditConfig, audit_privacy, read_privacy_audit
     from privacy.embeddings import EncoderConfig
     from privacy.membership import MembershipConfig
-    from privacy.memorization import MemorizationConfig, SearchConfig
+    from privacy.memorization_config import MemorizationConfig
+    from privacy.search import SearchConfig
 
     if threads is not None:
         import faiss

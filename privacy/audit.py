@@ -54,21 +54,15 @@ from privacy.embeddings import (
     train_encoder,
     training_data_id,
 )
+from privacy.filtering import filter_flagged
+from privacy.image_set import ImageSet
 from privacy.ledger_check import LEDGER_FILE, check_ledger
 from privacy.membership import MembershipConfig, membership_audit, membership_summary
-from privacy.memorization import (
-    ImageSet,
-    MemorizationConfig,
-    Reference,
-    ShardResult,
-    filter_flagged,
-    merge_shards,
-    prepare_reference,
-    search_shard,
-    shard_rows,
-    synthetic_block_size,
-)
+from privacy.memorization import merge_shards
 from privacy.memorization_artifacts import read_reference, read_shard, write_reference_files, write_shard_files
+from privacy.memorization_config import MemorizationConfig
+from privacy.memorization_reference import Reference, prepare_reference
+from privacy.memorization_shards import ShardResult, search_shard, shard_rows, synthetic_block_size
 from synth.artifacts import atomic_dir, read_header, sha256_file, verify_content, write_header, write_json
 from synth.data.canonical import Dataset, image_spec, load_dataset
 from synth.errors import ConfigError, InputError, where
