@@ -124,7 +124,8 @@ def _membership() -> dict[str, Any]:
 
 
 def _privacy(out: Path, real: Path, synthetic: Path, model: Path) -> Path:
-    from privacy.audit import HEADER, PrivacyAuditConfig, audit_privacy
+    from privacy.audit import HEADER, audit_privacy
+    from privacy.audit_config import PrivacyAuditConfig
     from privacy.embeddings import AugmentConfig, EncoderConfig
     from synth.artifacts import content_hash
 

@@ -13,17 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from privacy.audit import (
-    NULL_TABLE,
-    PLOTS,
-    TABLE,
-    PrivacyAuditConfig,
-    audit_privacy,
-    prepare_privacy_reference,
-    privacy_audit_shard_count,
-    read_privacy_audit,
-    search_synthetic_shard,
-)
+from privacy.audit import NULL_TABLE, PLOTS, TABLE, audit_privacy, read_privacy_audit
+from privacy.audit_config import PrivacyAuditConfig
+from privacy.audit_sharding import prepare_privacy_reference, privacy_audit_shard_count, search_synthetic_shard
 from privacy.image_set import ImageSet
 from privacy.memorization import merge_shards
 from privacy.memorization_artifacts import read_shard, write_shard_files
