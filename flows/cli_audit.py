@@ -52,7 +52,7 @@ def privacy_cmd(
     from privacy.audit import audit_privacy, read_privacy_audit
     from privacy.audit_config import PrivacyAuditConfig
     from privacy.embeddings import EncoderConfig
-    from privacy.membership import MembershipConfig
+    from privacy.membership_config import MembershipConfig
     from privacy.memorization_config import MemorizationConfig
     from privacy.search import SearchConfig
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from privacy.embeddings import EncoderConfig
-from privacy.membership import MembershipConfig
+from privacy.membership_config import MembershipConfig
 from privacy.memorization_config import MemorizationConfig
 
 SCHEMA_VERSION = 1
