@@ -172,7 +172,7 @@ class ReleaseConfig(BaseModel):
     @classmethod
     def _privacy_audit(cls, value: dict[str, Any]) -> dict[str, Any]:
         # Checked now, not when the stage runs after minutes of training.
-        from privacy.audit import PrivacyAuditConfig
+        from privacy.audit_config import PrivacyAuditConfig
 
         PrivacyAuditConfig.model_validate(value)
         return value

@@ -143,16 +143,20 @@ def run_dp_audit(
     dataset_dir: Path,
     out: Path,
     *,
-    train_config: Any,  # synth.train_config.TrainConfig of the release
-    make_strategy: Callable[[float, int], Any],  # (audit ε, dataset size) -> a DP strategy of the release's settings
+    train_config: Any,  # synth.train_config.TrainConfig: the release's
+    dp_config: Any,  # privacy.dp_config.DPConfig: the release's
     config: DPAuditConfig = DPAuditConfig(),
     claimed: Mapping | None = None,
+    strategy_factory: Callable[..., Any] | None = None,
 ) -> Path:
-    """Train once with canaries and the release's DP code, score the canaries, and write the audit to `out`.
+    """Train once with canaries and the release's DP code and settings (ε set to `config.epsilon`), score the
+    canaries, and write the audit to `out`: a directory with `dp_audit.json` (the verdict) and
+    `canary_scores.json`. Returns `out`.
 
-    `make_strategy(epsilon, n)` builds the DP strategy exactly as the release does, calibrated to `epsilon` for a
-    training set of `n` examples. `claimed` (optional) is the release model's own ε/δ, recorded for the report.
-    Returns `out`, a directory with `dp_audit.json` (the verdict) and `canary_scores.json`."""
+    `claimed` (optional) is the release model's own ε/δ, recorded for the report. `strategy_factory` takes
+    `make_strategy`'s arguments and defaults to it (tests pass a deliberately broken strategy)."""
+    from privacy.dp import make_strategy
+    from privacy.dp_config import DPConfig
     from synth.data.canonical import load_dataset
     from synth.training import train
 
@@ -164,7 +168,9 @@ def run_dp_audit(
     with tempfile.TemporaryDirectory(prefix="synthgate-dp-audit-") as tmp:
         augmented = with_canaries(dataset_dir, Path(tmp) / "dataset", canaries)
         n = int(len(images) + canaries.included.sum())
-        strategy = make_strategy(config.epsilon, n)
+        audit_dp = DPConfig(**{**dp_config.to_dict(), "target_epsilon": config.epsilon})
+        strategy = (strategy_factory or make_strategy)(audit_dp, dataset_size=n,
+                                                       noise_multiplicity=run_config.noise_multiplicity)
         model = train(augmented, Path(tmp) / "model", run_config, privacy=strategy, progress=False)
         losses = canary_losses(model, canaries, draws=config.score_draws, seed=config.seed + 1)
         run_epsilon, run_delta = float(strategy.epsilon()), float(strategy.target_delta)

@@ -275,7 +275,8 @@ def test_planted_training_copies_block_the_release(released, tmp_path):
     """A synthetic set that holds copies of training images is blocked, even though filtering would drop them."""
     from flows.policy import Policy, gate
     from flows.stages import gate_inputs
-    from privacy.audit import PrivacyAuditConfig, audit_privacy
+    from privacy.audit import audit_privacy
+    from privacy.audit_config import PrivacyAuditConfig
     from synth.data.canonical import write_dataset
 
     tmp, cfg, _ = released
@@ -352,7 +353,8 @@ def test_release_on_a_dask_local_cluster_equals_the_single_shard_run(released, t
     from flows.release_config import RunnerSettings
     from flows.runners import task_threads
     from flows.stages import generate_stage, guidance_stage
-    from privacy.audit import PrivacyAuditConfig, audit_privacy
+    from privacy.audit import audit_privacy
+    from privacy.audit_config import PrivacyAuditConfig
     from reports.utility import UtilityConfig, audit_utility
 
     tmp, cfg, _ = released
