@@ -68,6 +68,11 @@ def train_task(cfg: ReleaseConfig, dataset: Path) -> Path:
     return stages.train_stage(cfg, dataset)
 
 
+@_task("dp-audit")
+def dp_audit_task(cfg: ReleaseConfig, dataset: Path) -> Path | None:
+    return stages.dp_audit_stage(cfg, dataset)
+
+
 @_task("guidance-selection")
 def guidance_task(cfg: ReleaseConfig, dataset: Path, model: Path) -> ReleaseConfig:
     return stages.guidance_stage(cfg, dataset, model)
@@ -116,8 +121,9 @@ def utility_audit_task(cfg: ReleaseConfig, dataset: Path, released: Path, jobs: 
 
 
 @_task("gate")
-def gate_task(cfg: ReleaseConfig, privacy_dir: Path, utility_dir: Path, model: Path, released: Path) -> Verdict:
-    return stages.gate_stage(cfg, privacy_dir, utility_dir, model, released)
+def gate_task(cfg: ReleaseConfig, privacy_dir: Path, utility_dir: Path, model: Path, released: Path,
+              dp_audit: Path | None) -> Verdict:
+    return stages.gate_stage(cfg, privacy_dir, utility_dir, model, released, dp_audit)
 
 
 @_task("report")
@@ -159,13 +165,16 @@ class AuditedRun(BaseModel):
 
 @flow(name="release-pipeline", log_prints=True)
 def release_pipeline(cfg: ReleaseConfig) -> AuditedRun:
-    """Ingest → validate → train → generate (mapped over shards) → privacy audit (memorization search mapped over
-    shards) → utility audit (classifiers mapped) → gate → steward's report, on the task runner `cfg.runner`."""
+    """Ingest → validate → train (and, for DP, the canary audit) → generate (mapped over shards) → privacy audit
+    (memorization search mapped over shards) → utility audit (classifiers mapped) → gate → steward's report, on the
+    task runner `cfg.runner`."""
     shards = cfg.runner.shard_count()
     dataset = ingest_task(cfg)
     validate_task(cfg, dataset)
     # The copy-detection reference needs only the real data: it trains beside the generator.
     reference = privacy_reference_task.submit(cfg, dataset)
+    # The canary check of a DP release's implementation (None otherwise): its own DP run, beside the generator's.
+    dp_audit = dp_audit_task.submit(cfg, dataset)
     model = train_task(cfg, dataset)
     generation = guidance_task(cfg, dataset, model)  # the config with the guidance scale fixed
     parts = generate_shard_task.map(unmapped(generation), unmapped(model), range(shards), unmapped(shards))
@@ -176,7 +185,7 @@ def release_pipeline(cfg: ReleaseConfig) -> AuditedRun:
     names = stages.utility_jobs(cfg, dataset, released)
     jobs = utility_job_task.map(unmapped(cfg), unmapped(dataset), unmapped(released), names)
     utility_dir = utility_audit_task(cfg, dataset, released, dict(zip(names, jobs.result(), strict=True)))
-    verdict = gate_task(cfg, privacy_dir, utility_dir, model, released)
+    verdict = gate_task(cfg, privacy_dir, utility_dir, model, released, dp_audit.result())
     run = {"dataset": dataset, "model": model, "released": released, "privacy_dir": privacy_dir,
            "utility_dir": utility_dir}
     report = report_task(cfg, verdict=verdict, **run)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flows.policy import Policy
+from privacy.dp_audit_config import DPAuditConfig
 from privacy.dp_config import DPConfig
 from synth.config import build, load_yaml
 from synth.data.ingest_config import IngestConfig
@@ -36,6 +37,17 @@ class DPSettings(DPConfig):
     def config(self) -> DPConfig:
         """The trainer's DP config (these settings without `enabled`)."""
         return DPConfig(**self.model_dump(exclude={"enabled"}))
+
+
+class DPAuditSettings(DPAuditConfig):
+    """`dp_audit:` the canary audit of a DP release (privacy/dp_audit.py): one extra DP training run, on by default
+    for DP releases; `enabled: false` skips it (and the gate then says it was not run)."""
+
+    enabled: bool = True
+
+    def config(self) -> DPAuditConfig:
+        """The audit's settings without `enabled`."""
+        return DPAuditConfig(**self.model_dump(exclude={"enabled"}))
 
 
 class GenerateSettings(BaseModel):
@@ -144,6 +156,7 @@ class ReleaseConfig(BaseModel):
     source: SourceSettings = SourceSettings()
     train: TrainConfig = TrainConfig(preset="small")
     dp: DPSettings = DPSettings()
+    dp_audit: DPAuditSettings = DPAuditSettings()
     generate: GenerateSettings = GenerateSettings()
     privacy_audit: dict[str, Any] = Field(default_factory=dict, description="PrivacyAuditConfig fields")
     # The CPU demo measures augmentation at one ratio; add more (e.g. [0.5, 1, 2]) when time allows.

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from privacy.dp_audit_config import DPAuditConfig
 from privacy.dp_bound import GUESS_FRACTIONS, audit_scores, epsilon_ceiling
 from synth.artifacts import atomic_dir, write_header, write_json
 from synth.errors import ConfigError, where
@@ -39,35 +40,6 @@ DP_AUDIT_HEADER = "dp_audit.json"
 DP_AUDIT_KIND = "dp_audit"
 SCORES = "canary_scores.json"
 SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class DPAuditConfig:
-    """Settings of the canary audit (keyword-only, frozen).
-
-    canaries: m, the number of canary images (each included with probability 1/2); more canaries raise the most the
-        audit can show (`privacy.dp_bound.epsilon_ceiling`) and cost only their share of the training run.
-    epsilon: the ε the audit run's DP-SGD is calibrated to (small, so that a broken implementation is visible).
-    significance: α of the lower bound (it holds with probability ≥ 1 - α).
-    score_draws: (timestep, noise) draws per canary when scoring its denoising loss.
-    seed: canaries, their inclusion and the scoring draws.
-    """
-
-    canaries: int = 1000
-    epsilon: float = 1.0
-    significance: float = 0.05
-    score_draws: int = 16
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.canaries, bool) or not isinstance(self.canaries, int) or self.canaries < 20:
-            raise ConfigError(where("DP audit config", f"canaries {self.canaries!r} must be an integer >= 20"))
-        if not (isinstance(self.epsilon, int | float) and 0 < self.epsilon < 50):
-            raise ConfigError(where("DP audit config", f"epsilon {self.epsilon!r} must lie in (0, 50)"))
-        if not (isinstance(self.significance, float) and 0 < self.significance < 0.5):
-            raise ConfigError(where("DP audit config", f"significance {self.significance!r} must lie in (0, 0.5)"))
-        if isinstance(self.score_draws, bool) or not isinstance(self.score_draws, int) or self.score_draws < 1:
-            raise ConfigError(where("DP audit config", f"score_draws {self.score_draws!r} must be an integer >= 1"))
 
 
 @dataclass(frozen=True)
@@ -197,7 +169,7 @@ def run_dp_audit(
                                       "labels": canaries.labels.tolist()})
         write_header(tmp_out, DP_AUDIT_HEADER, kind=DP_AUDIT_KIND, schema_version=SCHEMA_VERSION, files=[SCORES],
                      inputs={"dataset": ds.content_hash},
-                     config={"audit": asdict(config), "train": run_config.to_json(),
+                     config={"audit": config.model_dump(mode="json"), "train": run_config.to_json(),
                              "guess_fractions": list(GUESS_FRACTIONS)},
                      body=body)
     return Path(out)
@@ -209,3 +181,15 @@ def _explain(violated: bool, bound: float, claimed: float, ceiling: float, confi
                 f"whose accountant claims ε = {claimed:.2f}: the DP implementation does not deliver its claim.")
     return (f"The canary audit's lower bound ε ≥ {bound:.2f} is within the run's claimed ε = {claimed:.2f} "
             f"({config.canaries} canaries; the most this audit could show is ε ≈ {ceiling:.1f}).")
+
+
+def read_dp_audit(root: Path) -> dict[str, Any]:
+    """The header (`dp_audit.json`) of a canary audit directory, checked: one-line errors name the file."""
+    from synth.artifacts import read_header
+    from synth.errors import InputError
+
+    header = read_header(Path(root), DP_AUDIT_HEADER, kind=DP_AUDIT_KIND)
+    for key in ("epsilon_lower_bound", "claimed_epsilon", "epsilon_ceiling", "canaries", "verdict"):
+        if key not in header:
+            raise InputError(where(Path(root) / DP_AUDIT_HEADER, f"has no {key!r}"))
+    return header

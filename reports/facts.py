@@ -109,8 +109,11 @@ class PrivacyFacts(_Facts):
     secure_rng_reason: str | None = None
     privacy_unit: str | None = None
     epsilon_check: dict[str, Any] = Field(default_factory=dict)  # independent recomputation (library, method, ε)
+    # The canary audit of the DP implementation (privacy/dp_audit.py): verdict, epsilon_lower_bound,
+    # claimed_epsilon (of the audit run), epsilon_ceiling, canaries. Empty when it was not run.
+    empirical_audit: dict[str, Any] = Field(default_factory=dict)
 
-    _plain = field_validator("epsilon_check")(_plain_dict)
+    _plain = field_validator("epsilon_check", "empirical_audit")(_plain_dict)
 
     @model_validator(mode="after")
     def _dp_needs_numbers(self) -> PrivacyFacts:
@@ -123,6 +126,16 @@ class PrivacyFacts(_Facts):
     @classmethod
     def not_private(cls) -> PrivacyFacts:
         return cls(dp=False)
+
+    def with_empirical_audit(self, dp_audit_dir: Path | None) -> PrivacyFacts:
+        """These facts plus the canary audit's outcome read from `dp_audit_dir` (unchanged without one)."""
+        if dp_audit_dir is None or not self.dp:
+            return self
+        from privacy.dp_audit import read_dp_audit
+
+        h = read_dp_audit(dp_audit_dir)
+        keys = ("verdict", "epsilon_lower_bound", "claimed_epsilon", "epsilon_ceiling", "canaries")
+        return self.model_copy(update={"empirical_audit": {k: h[k] for k in keys}})
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> PrivacyFacts:

@@ -1,0 +1,94 @@
+"""The canary audit of a DP training run (privacy.dp_audit): an honest run stays within its claim, a run whose noise
+was switched off (while the ledger still claims ε) is caught."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from privacy.dp import DPStrategy, make_strategy, resolve_delta
+from privacy.dp_audit import Canaries, read_dp_audit, run_dp_audit, with_canaries
+from privacy.dp_audit_config import DPAuditConfig
+from privacy.dp_config import DPConfig
+from synth.data.canonical import load_dataset
+from synth.errors import InputError
+from synth.train_config import TrainConfig
+
+# Small enough for the suite, long enough that an unnoised run learns its canaries.
+TRAIN = TrainConfig(preset="tiny", batch_size=32, max_steps=60, max_minutes=None, checkpoint_every=None, lr=2e-3)
+AUDIT = DPAuditConfig(canaries=200, epsilon=1.0, score_draws=8)
+DP = DPConfig(epsilon=8.0)
+
+
+class NoiseOff(DPStrategy):
+    """A broken DP-SGD: clipping and accounting as usual, but no noise is added (the ledger still claims ε)."""
+
+    def attach(self, *args, **kwargs):
+        model, optimizer, loader = super().attach(*args, **kwargs)
+        optimizer.noise_multiplier = 0.0
+        return model, optimizer, loader
+
+
+def noise_off(config: DPConfig, *, dataset_size: int, noise_multiplicity: int) -> NoiseOff:
+    return NoiseOff(config, dataset_size=dataset_size, target_delta=resolve_delta(config, dataset_size=dataset_size),
+                    noise_multiplicity=noise_multiplicity)
+
+
+@pytest.fixture(scope="module")
+def audits(pneumonia_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("dp-audit")
+    return {
+        "honest": run_dp_audit(pneumonia_slice, base / "honest", train_config=TRAIN, dp_config=DP, config=AUDIT,
+                               claimed={"target_epsilon": 8.0}),
+        "broken": run_dp_audit(pneumonia_slice, base / "broken", train_config=TRAIN, dp_config=DP, config=AUDIT,
+                               strategy_factory=noise_off),
+    }
+
+
+def test_an_honest_dp_run_stays_within_its_claim(audits: dict[str, Path]) -> None:
+    h = read_dp_audit(audits["honest"])
+    assert h["verdict"] == "consistent" and h["epsilon_lower_bound"] <= h["claimed_epsilon"]
+    assert h["claimed_epsilon"] == pytest.approx(1.0, abs=0.05)  # the audit run is calibrated to dp_audit.epsilon
+    assert h["noise_multiplier"] > 1  # σ for ε = 1 over this run
+    assert h["release_claim"] == {"target_epsilon": 8.0}
+    assert 2.5 < h["epsilon_ceiling"] < 3.5  # what 200 canaries can show at most
+
+
+def test_a_run_without_noise_is_caught(audits: dict[str, Path]) -> None:
+    h = read_dp_audit(audits["broken"])
+    assert h["noise_multiplier"] > 1  # the strategy calibrated σ; the optimizer then dropped it
+    assert h["verdict"] == "violated", h["explanation"]
+    assert h["epsilon_lower_bound"] > h["claimed_epsilon"]
+    assert "does not deliver its claim" in h["explanation"]
+
+
+def test_the_artifact_holds_scores_not_images(audits: dict[str, Path]) -> None:
+    root = audits["broken"]
+    assert sorted(p.name for p in root.iterdir()) == ["canary_scores.json", "dp_audit.json"]
+    scores = json.loads((root / "canary_scores.json").read_text())
+    assert len(scores["loss"]) == len(scores["included"]) == AUDIT.canaries
+    included = np.array(scores["included"])
+    loss = np.array(scores["loss"])
+    assert loss[included].mean() < loss[~included].mean()  # the broken run learnt the canaries it saw
+    best = read_dp_audit(root)["best_guess"]
+    assert best["correct"] <= best["k_in"] + best["k_out"]
+
+
+def test_canaries_join_only_the_train_split(pneumonia_slice: Path, tmp_path: Path) -> None:
+    real = load_dataset(pneumonia_slice)
+    canaries = Canaries.make(50, shape=(28, 28), num_classes=2, seed=3)
+    ds = load_dataset(with_canaries(pneumonia_slice, tmp_path / "aug", canaries))
+    assert set(ds.metadata["split"]) == {"train"}
+    assert ds.split_size("train") == real.split_size("train") + int(canaries.included.sum())
+    with pytest.raises(InputError, match=r"dp_audit\.json"):
+        read_dp_audit(tmp_path / "aug")
+
+
+def test_honest_strategy_factory_is_the_release_one() -> None:
+    strategy = make_strategy(DP, dataset_size=1000)
+    assert type(strategy) is DPStrategy
