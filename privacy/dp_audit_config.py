@@ -9,12 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field
 class DPAuditConfig(BaseModel):
     """Settings of the canary audit.
 
-    canaries: m, the number of canary images (each included with probability 1/2); more canaries raise the most the
-        audit can show (`privacy.dp_bound.epsilon_ceiling`) and cost only their share of the training run.
+    canaries: m, the number of gradient canaries (each included with probability 1/2); more canaries raise the most
+        the audit can show (`privacy.dp_bound.epsilon_ceiling`) at almost no cost.
     epsilon: the ε the audit run's DP-SGD is calibrated to (small, so that a broken implementation is visible).
     significance: α of the lower bound (it holds with probability ≥ 1 - α).
-    score_draws: (timestep, noise) draws per canary when scoring its denoising loss.
-    seed: canaries, their inclusion and the scoring draws.
+    seed: which canaries are included, their coordinates and their sampling.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -22,5 +21,4 @@ class DPAuditConfig(BaseModel):
     canaries: int = Field(1000, ge=20)
     epsilon: float = Field(1.0, gt=0, lt=50)
     significance: float = Field(0.05, gt=0, lt=0.5)
-    score_draws: int = Field(16, ge=1)
     seed: int = Field(0, ge=0)

@@ -321,12 +321,16 @@ def test_dp_release_carries_a_checked_epsilon(released):
     assert result.status == "published"
     verdict = json.loads((tmp / "work-dp" / "verdict.json").read_text())
     passed = {c["rule"] for c in verdict["checks"] if c["passed"]}
-    assert {"require_dp", "max_epsilon", "max_delta", "ledger_check"} <= passed
+    assert {"require_dp", "max_epsilon", "max_delta", "ledger_check", "dp_audit"} <= passed
+    # The canary audit of the DP implementation ran beside training (its own DP run at ε = 1) and is stated.
+    dp_audit = json.loads((tmp / "work-dp" / "dp-audit" / "dp_audit.json").read_text())
+    assert dp_audit["verdict"] == "consistent" and dp_audit["claimed_epsilon"] == pytest.approx(1.0, abs=0.05)
     predicate = verify_bundle(result.bundle, load_public_key(tmp / "keys" / "release.pub")).predicate
     eps = predicate["privacy"]["epsilon"]
     assert 0 < eps <= 8.0 and predicate["privacy"]["delta"] < 1 / 96
     datasheet = (result.bundle / "datasheet.md").read_text()
     assert "differential privacy ledger" in datasheet and f"| ε spent | {eps:.3f}" in datasheet
+    assert "| empirical check (canary audit) | consistent: a separate DP run of the same code at ε = 1.00" in datasheet
     audit = json.loads((tmp / "work-dp" / "audit-privacy" / "privacy.json").read_text())
     assert audit["ledger_check"]["passed"] is True
 
