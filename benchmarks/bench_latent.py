@@ -106,11 +106,15 @@ def main() -> None:
             m = model_preset(args.preset, sample_size=size, channels=ch, num_conditions=2)
             fn, n = unet_step(torch, m, cfg, cfg.batch_size, latent=False)
             pixel = f"{_median_time(fn, args.repeats):.2f} ({n / 1e6:.2f}M)"
-        side = ae.latent_size(size)
+        try:
+            side = ae.latent_size(size)
+            m = model_preset(args.preset, sample_size=side, channels=ae.latent_channels, num_conditions=2)
+        except ValueError as e:  # e.g. 28 px at factor 4: 7-px latents, below the UNet's minimum
+            print(f"| {size}×{size}×{ch} | {pixel} | n/a | n/a ({str(e).splitlines()[0][:60]}) | n/a | n/a |")
+            continue
         step, decode, n_ae = vae_step(torch, ae, ch, size)
         ae_s = _median_time(step, args.repeats)
         dec_s = _median_time(decode, 1)
-        m = model_preset(args.preset, sample_size=side, channels=ae.latent_channels, num_conditions=2)
         fn, n = unet_step(torch, m, cfg, cfg.batch_size, latent=True)
         lat_s = _median_time(fn, args.repeats)
         print(f"| {size}×{size}×{ch} | {pixel} | {ae_s:.2f} ({n_ae / 1e6:.2f}M) | {ae.latent_channels}×{side}×{side} "
