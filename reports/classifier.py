@@ -97,8 +97,9 @@ class SmallResNet(nn.Module):
 
     At 28×28 the stages run at 14, 7 and 4 pixels; inputs of 48 pixels or more get a stride-2 stem as well
     (64 → 32 → 16, 8, 4), so 64×64 costs about as much as 28×28, and inputs of 96 pixels or more a stride-4 stem
-    (128 → 32 → 16, 8, 4), so 128×128 costs about as much again (`stem_stride`). Downsampling right after the stem is what makes
-    it CPU-friendly: a full-resolution first stage tripled the cost for no measurable AUROC gain on PneumoniaMNIST.
+    (128 → 32 → 16, 8, 4), so 128×128 costs about as much again (`stem_stride`). Downsampling right after the stem
+    is what makes it CPU-friendly: a full-resolution first stage tripled the cost for no measurable AUROC gain on
+    PneumoniaMNIST.
     """
 
     def __init__(self, in_channels: int, num_classes: int, *, width: int = 16, blocks_per_stage: int = 1,

@@ -56,7 +56,7 @@ AUTOENCODER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"block_out_channels": (8, 16), "norm_num_groups": 8, "batch_size": 16, "max_steps": 20,
              "max_minutes": 1.0},
     "small": {"block_out_channels": (16, 32, 64), "batch_size": 32, "max_steps": 300, "max_minutes": 4.0},
-    "quality": {"block_out_channels": (16, 32, 64), "batch_size": 32, "max_steps": 1500, "max_minutes": 18.0},
+    "quality": {"block_out_channels": (16, 32, 64), "batch_size": 32, "max_steps": 1500, "max_minutes": 15.0},
     "base": {"block_out_channels": (64, 128, 256), "norm_num_groups": 32, "layers_per_block": 2,
              "mid_attention": True, "batch_size": 64, "lr": 2e-4, "max_steps": 20_000, "max_minutes": None},
 }

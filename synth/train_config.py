@@ -10,6 +10,8 @@
 `kind` (auto | pixel | latent): above 32 px on a CPU a pixel-space UNet costs ~10 s a step (64 px, `small`), so
 `auto` trains a latent generator there (an autoencoder, then the UNet on its latents; `autoencoder` holds its
 preset-filled config) and a pixel one at 28 px, on a GPU with `base`, and with DP (synth.generator_kind).
+For a latent generator `max_minutes` is the whole budget: the autoencoder's time (capped by its own
+`autoencoder.max_minutes`: tiny 1, small 4, quality 15) counts against it.
 
 A config names its preset; any field not given takes that preset's value, so `TrainConfig(preset="tiny",
 max_steps=5)` is the tiny preset stopped after 5 steps, and a YAML file (`--config`) overrides only what it lists.

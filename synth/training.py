@@ -67,7 +67,7 @@ from synth.train_data import (
 )
 from synth.train_loop import EPSILON_EVERY_S, run_loop
 from synth.train_run import Run, resume_from_checkpoint, save_checkpoint_of
-from synth.train_state import planned_steps
+from synth.train_state import RunState, planned_steps
 from synth.train_world import World, barrier, current_world, rank_seed
 
 __all__ = [
@@ -284,6 +284,8 @@ def _setup(
         seeds=seeds, unet=unet, model=model, raw=raw, optimizer=optimizer, ema=ema, scheduler=scheduler,
         loader=loader, loader_gen=loader_gen, noise_gen=noise_gen, privacy=privacy, ckpt_dir=ckpt_dir,
         planned=planned, batches_per_epoch=batches_per_epoch, latent=latent,
+        # A preset's max_minutes is the whole training budget: the autoencoder's minutes count against it.
+        state=RunState(elapsed_s=float(latent.record.get("seconds", 0.0))) if latent is not None else RunState(),
     )
 
 

@@ -105,3 +105,31 @@ def test_plain_diffusers_decodes_the_same_pixels_as_synthgate(latent_model):
                                                      generator=[torch.Generator().manual_seed(s) for s in SEEDS])
     assert ours.shape == (4, 28, 28)
     np.testing.assert_array_equal(np.stack([np.asarray(im) for im in images]), ours)
+
+
+def test_interrupted_latent_run_resumes_on_the_same_autoencoder(latent_model, pneumonia_slice, tmp_path):
+    """The autoencoder is kept in the checkpoint directory: the resumed run trains on the very same latents and
+    ends with the weights of the uninterrupted run (`latent_model`, same config)."""
+    from safetensors.torch import load_file
+
+    from synth.checkpoint import default_checkpoint_dir
+    from synth.training import train
+
+    cfg = TrainConfig(preset="tiny", kind="latent", max_steps=6, batch_size=16, threads=1, checkpoint_every=3,
+                      autoencoder={"max_steps": 8, "batch_size": 16})
+    out = tmp_path / "model"
+
+    def crash(step, loss):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        train(pneumonia_slice, out, cfg, progress=False, on_step=crash)
+    assert (default_checkpoint_dir(out) / "vae" / "config.json").is_file()
+    train(pneumonia_slice, out, cfg, progress=False, resume=True)
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["resumed_from_step"] == 3 and card["steps"] == 6
+    for part in ("vae", "unet", "unet_ema"):
+        ours = load_file(str(out / part / "diffusion_pytorch_model.safetensors"))
+        theirs = load_file(str(latent_model / part / "diffusion_pytorch_model.safetensors"))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
