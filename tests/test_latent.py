@@ -133,3 +133,26 @@ def test_interrupted_latent_run_resumes_on_the_same_autoencoder(latent_model, pn
         ours = load_file(str(out / part / "diffusion_pytorch_model.safetensors"))
         theirs = load_file(str(latent_model / part / "diffusion_pytorch_model.safetensors"))
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+
+
+def test_rgb_latent_generator_generates_rgb_pixels_of_the_real_size(tmp_path):
+    """A 3-channel 32-px dataset: the latent UNet sees 4×16×16 latents, generation writes 32×32×3 uint8 pixels."""
+    import pandas as pd
+
+    from synth.data.canonical import load_dataset, write_dataset
+    from synth.generate import generate
+    from synth.training import train
+
+    rng = np.random.default_rng(0)
+    n = 32
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    meta = pd.DataFrame({"image_id": [f"i{i}" for i in range(n)], "split": "train", "label": np.arange(n) % 2})
+    ds = write_dataset(tmp_path / "ds", images, meta, class_names=["a", "b"], source={"format": "test"},
+                       license="CC0", attribution="test")
+    cfg = TrainConfig(preset="tiny", kind="latent", max_steps=2, batch_size=16, threads=1,
+                      autoencoder={"max_steps": 2, "batch_size": 16})
+    model = train(ds, tmp_path / "model", cfg, progress=False)
+    card = json.loads((model / "model_card.json").read_text())
+    assert card["generator"]["latent_shape"] == [4, 16, 16] and card["image"]["channels"] == 3
+    out = generate(model, tmp_path / "gen", n=4, sampler="ddim-25", steps=2, device="cpu", progress=False)
+    assert load_dataset(out).images.shape == (4, 32, 32, 3)
