@@ -181,6 +181,15 @@ class ReleaseConfig(BaseModel):
             return {"preset": "small", **value}
         return value
 
+    @model_validator(mode="after")
+    def _latent_needs_no_dp(self) -> ReleaseConfig:
+        # Refused when the config is read, not after the data stage: see synth.generator_kind.
+        from synth.generator_kind import LATENT_DP_REFUSAL
+
+        if self.dp.enabled and self.train.kind == "latent":
+            raise ValueError(LATENT_DP_REFUSAL)
+        return self
+
     @field_validator("privacy_audit")
     @classmethod
     def _privacy_audit(cls, value: dict[str, Any]) -> dict[str, Any]:

@@ -303,6 +303,8 @@ def membership_audit(model_dir: Path, real_dir: Path, *, config: MembershipConfi
         raise ConfigError(where(model_dir, f"timestep {max(asked)} outside the model's 0..{total - 1}"))
     alphas = scheduler.alphas_cumprod.float()
     x0 = to_model_input(sets.images)
+    if getattr(pipe, "vae", None) is not None:  # a latent generator's UNet is queried on the images' latents
+        x0 = torch.cat([pipe.encode(b).float().cpu() for b in x0.split(config.batch_size)])
     y = torch.from_numpy(sets.conditions)
     seeds = np.random.SeedSequence([config.seed, 2]).spawn(1 + len(config.attacks))
 

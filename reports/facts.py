@@ -51,6 +51,10 @@ __all__ = [
 ]
 
 
+LATENT_ARCHITECTURE = ("class-conditional latent diffusion (diffusers UNet2DModel on the latents of an "
+                       "AutoencoderKL trained on the same training split)")
+
+
 class ModelFacts(_Facts):
     """The generator: which weights, how they were trained, what they are conditioned on."""
 
@@ -82,6 +86,7 @@ class ModelFacts(_Facts):
             content_hash=card.content_hash,
             preset=train.get("preset"),
             weights=(card.weights or {}).get("default"),
+            **({"architecture": LATENT_ARCHITECTURE} if card.generator_kind == "latent" else {}),
             training=training,
             condition_attributes={a["name"]: tuple(a["values"]) for a in cond.get("attributes", [])},
             num_conditions=cond.get("num_conditions"),

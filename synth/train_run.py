@@ -57,6 +57,7 @@ class Run:
     resumed_from: int | None = None
     pending_privacy_state: dict | None = None
     last_saved: int = -1  # step of the last checkpoint written by this process (-1: none)
+    latent: Any = None  # synth.latent_training.LatentParts of a latent generator (None: pixel space)
 
     def restore_privacy_state(self) -> None:
         """Hand a resumed accountant state to the strategy (once the loader has been fast-forwarded)."""

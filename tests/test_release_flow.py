@@ -342,6 +342,27 @@ def test_dp_release_carries_a_checked_epsilon(released):
     assert not (tmp / "releases-dp-strict").exists()
 
 
+def test_latent_release_publishes_decoded_pixels(released):
+    """The latent generator through the whole flow: autoencoder + latent UNet, audited and released as 28×28
+    pixels; the model directory keeps both parts and the documents name the kind."""
+    from flows.release import release
+
+    tmp, cfg, _ = released
+    train = cfg.train.model_copy(update={"kind": "latent", "autoencoder": cfg.train.autoencoder.model_copy(
+        update={"max_steps": 12})})
+    latent_cfg = cfg.model_copy(update={"workdir": tmp / "work-latent", "releases_dir": tmp / "releases-latent",
+                                        "title": "Latent slice", "train": train})
+    result = release(config=latent_cfg)
+    assert result.status == "published"
+    verify_bundle(result.bundle, load_public_key(tmp / "keys" / "release.pub"))
+    model = tmp / "work-latent" / "model"
+    card = json.loads((model / "model_card.json").read_text())
+    assert card["generator"]["kind"] == "latent" and (model / "vae" / "config.json").is_file()
+    synthetic = load_dataset(tmp / "work-latent" / "synthetic")
+    assert synthetic.images.shape[1:] == (28, 28) and synthetic.images.dtype == np.uint8
+    assert "latent diffusion" in (result.bundle / "datasheet.md").read_text()
+
+
 def _same_bytes(a, b, names):
     return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
