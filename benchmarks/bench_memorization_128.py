@@ -1,7 +1,7 @@
 """The memorization check at 128×128 (16,384-d pixels): exact faiss search cost and planted-copy recall.
 
 Ingests `kermany_cxr_128.npz` (the Kermany pediatric chest X-rays behind PneumoniaMNIST, 128 px; train 4694,
-holdout val + test 1146), then runs the planted-copy harness (`privacy/planted.py`: edited copies of random
+holdout val + test 1146), then runs the planted-copy harness (`tests/planted.py`: edited copies of random
 training images among the real holdout images, 2-fold cross-fitted) in all three spaces (pixel: exact faiss
 search at 16k-d; learned: the copy-detection encoder on its 4×-pooled 32-px view, trained for `--encoder-steps`;
 registered: geometric verification of the candidates), and prints its table with the check's time. The edits are
@@ -34,10 +34,10 @@ def main() -> None:
     import torch
 
     from privacy.embeddings import EncoderConfig, train_encoder, training_data_id
-    from privacy.memorization import MemorizationConfig
-    from privacy.planted import run_planted
+    from privacy.memorization_config import MemorizationConfig
     from synth.data.ingest import ingest
     from synth.data.locate import data_dir
+    from tests.planted import run_planted
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
