@@ -34,6 +34,10 @@ class DPSettings(DPConfig):
     enabled: bool = False
     target_epsilon: float = Field(10.0, validation_alias=AliasChoices("target_epsilon", "epsilon"))
 
+    def __init__(self, /, **data: Any) -> None:
+        # Plain pydantic errors inside a release config: its loader names the file, `dp.<field>` and the value.
+        BaseModel.__init__(self, **data)
+
     def config(self) -> DPConfig:
         """The trainer's DP config (these settings without `enabled`)."""
         return DPConfig(**self.model_dump(exclude={"enabled"}))

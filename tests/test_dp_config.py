@@ -35,9 +35,9 @@ def test_release_dp_section_is_the_trainers_config(tmp_path: Path, key: str):
 
 
 def test_release_dp_errors_are_one_line(tmp_path: Path):
-    with pytest.raises(ConfigError, match=r"release\.yaml: dp: DP config: target_epsilon 0 must be a finite number"):
+    with pytest.raises(ConfigError, match=r"release\.yaml: dp\.epsilon: target_epsilon 0 must be a finite number"):
         _release(tmp_path, "dp:\n  epsilon: 0\n")
-    with pytest.raises(ConfigError, match="dp: DP config: poisson_sampling False"):
+    with pytest.raises(ConfigError, match=r"dp\.poisson_sampling: poisson_sampling False"):
         _release(tmp_path, "dp:\n  poisson_sampling: false\n")
 
 

@@ -330,7 +330,7 @@ def test_dp_release_carries_a_checked_epsilon(released):
     assert 0 < eps <= 8.0 and predicate["privacy"]["delta"] < 1 / 96
     datasheet = (result.bundle / "datasheet.md").read_text()
     assert "differential privacy ledger" in datasheet and f"| ε spent | {eps:.3f}" in datasheet
-    assert "| empirical check (canary audit) | consistent: a separate DP run of the same code at ε = 1.00" in datasheet
+    assert "| empirical check (canary audit) | consistent: a separate DP run of the same code at ε = " in datasheet
     audit = json.loads((tmp / "work-dp" / "audit-privacy" / "privacy.json").read_text())
     assert audit["ledger_check"]["passed"] is True
 
