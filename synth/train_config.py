@@ -153,6 +153,8 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(ge=0)
     # Torch threads while training (None: every core this process may run on); see synth.training.train.
     threads: int | None = Field(ge=1)
+    # A model directory to start from (public-data pretraining; synth.init_from). None: a fresh UNet.
+    init_from: str | None = None
 
     @model_validator(mode="before")
     @classmethod

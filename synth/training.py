@@ -233,6 +233,7 @@ def _setup(
     torch.manual_seed(seeds["init"])
     unet: UNet2DModel = build_unet(model_cfg).to(device)
     torch.set_rng_state(init_rng)
+    init_from = _load_init(unet, config, model_cfg, data)  # before the optimizer and EMA see the weights
     unet.train()
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=config.lr, betas=tuple(config.adam_betas), weight_decay=config.weight_decay
@@ -265,8 +266,18 @@ def _setup(
         dataset_dir=dataset_dir, out=out, config=config, data=data, model_cfg=model_cfg, device=device, world=world,
         seeds=seeds, unet=unet, model=model, raw=raw, optimizer=optimizer, ema=ema, scheduler=scheduler,
         loader=loader, loader_gen=loader_gen, noise_gen=noise_gen, privacy=privacy, ckpt_dir=ckpt_dir,
-        planned=planned, batches_per_epoch=batches_per_epoch,
+        planned=planned, batches_per_epoch=batches_per_epoch, init_from=init_from,
     )
+
+
+def _load_init(unet: nn.Module, config: TrainConfig, model_cfg: Any, data: TrainingData) -> dict | None:
+    """Start from `config.init_from`'s weights (public pretraining), or keep the fresh init (None)."""
+    if config.init_from is None:
+        return None
+    from synth.init_from import load_init
+
+    return load_init(unet, Path(config.init_from), model_cfg=model_cfg, class_names=list(data.space.class_names),
+                     image=data.image, dataset_hash=data.dataset_hash)
 
 
 def _finish(run: Run, stop_reason: str) -> None:
@@ -286,7 +297,7 @@ def _finish(run: Run, stop_reason: str) -> None:
     run.ema.copy_to(ema_unet.parameters())
     summary = ledger = None
     if privacy is not None:
-        ledger = privacy.ledger()
+        ledger = {**privacy.ledger(), "public_pretraining": run.init_from}
         summary = privacy_summary(
             epsilon=privacy.epsilon(), ledger=ledger, noise_multiplicity=privacy.noise_multiplicity
         )
@@ -304,6 +315,7 @@ def _finish(run: Run, stop_reason: str) -> None:
         condition_counts=data.condition_counts,
         privacy=summary,
         privacy_ledger=ledger,
+        init_from=run.init_from,
         extra={
             "seeds": run.seeds,
             "steps": state.step,
