@@ -8,6 +8,7 @@ the failure of issue 15). CPU seconds are the process' (steadier than wall time 
 per-example gradient norms at initialisation (the clipping norm's rationale).
 
     .venv/bin/python benchmarks/bench_dp_plan.py --preset tiny --budget 12800 --eps 1 10 --batches 64 256 512
+    .venv/bin/python benchmarks/bench_dp_plan.py --sigma-table
 """
 
 from __future__ import annotations
@@ -119,6 +120,23 @@ def run(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def sigma_table(n: int = 4708, delta: float = 1e-5) -> None:
+    """σ (and σ/B) from Opacus' PRV calibration over a grid of batches and steps, at ε = 1 and 10 (no training)."""
+    from privacy.dp import calibrate_noise_multiplier
+
+    batches = (64, 128, 256, 512, 1024, 2048)
+    for eps in (1.0, 10.0):
+        print(f"\nε = {eps:g}, N = {n}, δ = {delta:g}: σ (σ/B)\n| steps | " + " | ".join(f"B={b}" for b in batches)
+              + " |\n|---|" + "---|" * len(batches))
+        for steps in (100, 200, 400, 800, 1600):
+            cells = []
+            for b in batches:
+                s = calibrate_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=b / n, steps=steps,
+                                               accountant="prv")
+                cells.append(f"{s:.3g} ({s / b:.4f})")
+            print(f"| {steps} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/pneumoniamnist.npz"))
@@ -127,7 +145,12 @@ def main() -> None:
     p.add_argument("--eps", type=float, nargs="+", default=[1.0, 10.0], help="0: non-private reference")
     p.add_argument("--batches", type=int, nargs="+", default=[64, 256, 512])
     p.add_argument("--threads", type=int, default=1)
-    rows = run(p.parse_args())
+    p.add_argument("--sigma-table", action="store_true", help="only the accountant's σ grid (seconds, no training)")
+    args = p.parse_args()
+    if args.sigma_table:
+        sigma_table()
+        return
+    rows = run(args)
     print("| ε | batch | steps | σ | σ/B | val loss (true class) | class gap | CPU s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -33,6 +33,13 @@ class DPSettings(DPConfig):
     enabled: bool = False
     target_epsilon: float = Field(10.0, validation_alias=AliasChoices("target_epsilon", "epsilon"))
 
+    @field_validator("plan_record")
+    @classmethod
+    def _no_record(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("plan_record is written by dp.plan auto, not set in a release config")
+        return value
+
     def config(self) -> DPConfig:
         """The trainer's DP config (these settings without `enabled`)."""
         return DPConfig(**self.model_dump(exclude={"enabled"}))
