@@ -91,9 +91,9 @@ def train_cmd(
         "device": device, "seed": seed, "noise_multiplicity": noise_multiplicity,
         "checkpoint_every": checkpoint_every, "condition_attributes": list(attribute) if attribute else None,
         "init_from": str(init_from) if init_from is not None else None,
+        "init_from_dataset": str(public_dataset) if public_dataset is not None else None,
     }
     train_config = load_train_config(preset=preset, config_file=config, overrides=overrides)
-    _check_public(init_from, public_dataset, dataset)
     if dp_config is not None:
         from privacy.dp_plan import apply_plan
 
@@ -144,24 +144,6 @@ def _dp_config(values: dict[str, object]):  # -> privacy.dp_config.DPConfig
         for field, flag in _FLAGS.items():
             message = message.replace(field, flag)
         raise ConfigError(message) from None
-
-
-def _check_public(init_from: Path | None, public: Path | None, dataset: Path) -> None:
-    """With --public-dataset: it must be what --init-from was trained on, and share no image with DATASET."""
-    if public is None:
-        return
-    if init_from is None:
-        raise ConfigError("--public-dataset only applies with --init-from")
-    from privacy.public_data import check_disjoint
-    from synth.data.canonical import load_dataset_header
-    from synth.model_card import load_model_card
-
-    trained_on = load_model_card(init_from).trained_on
-    if load_dataset_header(public).content_hash != trained_on:
-        raise InputError(f"{public}: is not the dataset {init_from} was trained on (content hash {trained_on})")
-    checked = check_disjoint(public, dataset)
-    console.print(f"public data: none of its {checked['public_images']} images is among the "
-                  f"{checked['private_images']} of {dataset} (pixel sha256)")
 
 
 def _strategy(config, dataset: Path, k: int):  # -> privacy.dp.DPStrategy

@@ -1,7 +1,7 @@
 """Public-data pretraining as release stages (`public_pretraining:` in the release config), before training:
 
     public-dataset   the declared public set, ingested (cached on the source's identity and the ingest settings)
-    (overlap check)  refused when any public image has the pixels of a private one (`privacy.public_data`)
+    (overlap check)  refused when any public image has the pixels of a private one (`synth.data.overlap`)
     public-model     a non-private model trained on it (cached on its content hash and the pretraining settings;
                      a crashed run resumes from its checkpoint)
 
@@ -25,8 +25,8 @@ def public_pretraining_stage(cfg: ReleaseConfig, private_dataset: Path) -> Path 
     pre = cfg.public_pretraining
     if pre is None:
         return None
-    from privacy.public_data import check_disjoint
     from synth.data.ingest_config import ingest_with
+    from synth.data.overlap import check_disjoint
 
     src = pre.ingest_config()
     public = run_stage(
@@ -47,7 +47,10 @@ def public_pretraining_stage(cfg: ReleaseConfig, private_dataset: Path) -> Path 
 
 
 def with_init_from(cfg: ReleaseConfig, model: Path | None) -> ReleaseConfig:
-    """The config whose training starts from `model` (unchanged when None)."""
+    """The config whose training starts from `model`, the public-model stage's output (unchanged when None); the
+    trainer checks the public dataset beside it again and records the check in the model card."""
     if model is None:
         return cfg
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": str(model)})})
+    public = Path(model).parent / PUBLIC_DATASET
+    return cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"init_from": str(model), "init_from_dataset": str(public)})})

@@ -7,8 +7,10 @@ after T steps the summed updates carry a signal ∝ T against noise ∝ √T·σ
 S(B) = √T·B/σ(q = 1/⌊N/B⌋, T) with T = E/(B·K). At a fixed T, σ grows linearly with B once B is past a knee
 (σ/B then stays put: benchmarks/README.md "DP settings from ε"), so beyond the knee a bigger batch only buys fewer
 steps. The rule: among batches b0·2^i (b0 the config's batch) with at least `MIN_STEPS` steps and B ≤ N/2, take
-the smallest whose S is within `KNEE` of the best: most steps for (almost) the least noise. σ comes from Opacus'
-accountant (`privacy.dp.calibrate_noise_multiplier`, the same call the strategy makes), never from a formula here.
+the smallest whose S is within `KNEE` of the best: most steps for (almost) the least noise; when no batch gives
+`MIN_STEPS` steps, the config's batch (measured: too few steps cost more than the noise they save). σ comes from
+Opacus' accountant (`privacy.dp.calibrate_noise_multiplier`, the same call the strategy makes), never from a
+formula here.
 
 Each chosen value keeps its reason, and a value the user set is kept and marked overridden: a train field counts as
 set when it differs from its preset's default (`batch_size`, `lr`, `noise_multiplicity`), a DP field when it was
@@ -27,7 +29,10 @@ from privacy.dp_config import DPConfig
 from synth.errors import ConfigError, where
 from synth.train_config import PRESET_DEFAULTS, TrainConfig
 
-MIN_STEPS = 50  # fewer steps leave the LR warmup, the cosine decay and the EMA nothing to work with
+# Measured (benchmarks/README.md "DP settings from ε"): at one budget, 50 steps of batch 256 lost to 200 steps of
+# batch 64 at ε = 1 and at ε = 10 (val loss +27% and +30%) although σ/B was 2.4-3.3× lower: below ~200 steps the
+# optimizer, not the noise, limits a briefly trained DDPM.
+MIN_STEPS = 200
 KNEE = 0.9  # smallest batch whose signal-to-noise is at least this fraction of the best candidate's
 _CFG = "DP plan"
 
@@ -59,14 +64,17 @@ def plan_dp(dp: DPConfig, train: TrainConfig, *, dataset_size: int, delta: float
         reasons["batch_size"] = "set by the user"
         reasons["max_steps"] = "set by the user (with batch_size)"
     else:
-        if not candidates:
-            raise ConfigError(where(_CFG, f"budget {budget} example-draws gives fewer than {MIN_STEPS} steps even "
-                                          f"at batch {b0}; raise train.max_steps"))
-        best = max(c["snr"] for c in candidates)
-        pick = next(c for c in candidates if c["snr"] >= KNEE * best)
-        batch, steps = pick["batch_size"], pick["steps"]
-        reasons["batch_size"] = (f"smallest batch whose signal-to-noise √T·B/σ ({pick['snr']:.0f}) is within "
-                                 f"{KNEE:.0%} of the best candidate's ({best:.0f}) at this budget")
+        if candidates:
+            best = max(c["snr"] for c in candidates)
+            pick = next(c for c in candidates if c["snr"] >= KNEE * best)
+            batch, steps = pick["batch_size"], pick["steps"]
+            reasons["batch_size"] = (f"smallest batch whose signal-to-noise √T·B/σ ({pick['snr']:.0f}) is within "
+                                     f"{KNEE:.0%} of the best candidate's ({best:.0f}) at this budget")
+        else:  # a budget too small for MIN_STEPS steps even at the config's batch: the steps matter most
+            batch = min(train.batch_size, dataset_size)
+            steps = max(1, budget // (batch * k))
+            reasons["batch_size"] = (f"the config's: the budget gives fewer than {MIN_STEPS} steps at any batch, "
+                                     "and below that the number of steps limits training more than the noise")
         reasons["max_steps"] = f"the budget of {budget} example-draws spent at this batch and K={k}"
     warmup = min(preset["lr_warmup_steps"], max(1, steps // 10))
     lr = train.lr
@@ -78,8 +86,9 @@ def plan_dp(dp: DPConfig, train: TrainConfig, *, dataset_size: int, delta: float
                                      "larger batch instead, which lowers σ/B")
     clip = dp.max_grad_norm
     reasons["max_grad_norm"] = ("set by the user" if "max_grad_norm" in given_dp else
-                                "1.0: nearly every per-example gradient of the diffusion loss is larger, so all are "
-                                "clipped to the same norm and AdamW makes C a pure scale (benchmarks/README.md)")
+                                "1.0: per-example gradients of the diffusion loss measured 3.1-5.5 at initialisation, "
+                                "so all are clipped to the same norm and AdamW makes C a pure scale "
+                                "(benchmarks/README.md)")
     physical = dp.max_physical_batch_size if "max_physical_batch_size" in given_dp else min(batch, b0)
     reasons["max_physical_batch_size"] = ("set by the user" if "max_physical_batch_size" in given_dp else
                                           "the preset's batch: the fastest per example on this hardware, and memory "
@@ -89,7 +98,8 @@ def plan_dp(dp: DPConfig, train: TrainConfig, *, dataset_size: int, delta: float
     chosen = {"batch_size": batch, "max_steps": steps, "lr": lr, "lr_warmup_steps": warmup,
               "noise_multiplicity": k, "max_grad_norm": clip, "max_physical_batch_size": physical}
     record = {
-        "rule": "privacy/dp_plan.py (smallest batch within 90% of the best √T·B/σ at a fixed budget)",
+        "rule": f"privacy/dp_plan.py: smallest batch within {KNEE:.0%} of the best √T·B/σ at a fixed budget, "
+                f"at least {MIN_STEPS} steps",
         "inputs": {"target_epsilon": dp.target_epsilon, "delta": delta, "dataset_size": dataset_size,
                    "accountant": dp.accountant, "budget_example_draws": budget, "preset": train.preset,
                    "max_minutes": train.max_minutes},

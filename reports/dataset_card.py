@@ -212,6 +212,9 @@ def _public_pretraining(public: dict | None) -> str:
         f"hash {str(public.get('content_hash'))[:16]}…) trained without this guarantee on public data "
         f"(dataset hash {str(public.get('trained_on'))[:16]}…; licence {public.get('data_license') or 'not declared'}; "
         f"source {public.get('data_source') or 'not declared'}), which the guarantee does not cover."
+        + (" No image of that public set has the pixels of a private image (sha256 of every image compared)."
+           if (public.get("overlap_check") or {}).get("checked") else
+           " Its images were not compared with the private ones.")
     )
 
 

@@ -23,10 +23,13 @@ _EMBEDDING = "class_embedding.weight"
 
 
 def load_init(unet: torch.nn.Module, model_dir: Path, *, model_cfg: ModelConfig, class_names: list[str],
-              image: dict[str, int], dataset_hash: str) -> dict[str, Any]:
-    """Load `model_dir`'s EMA weights into the fresh `unet` (built from `model_cfg` for the private data) and
+              image: dict[str, int], dataset_hash: str, dataset: Path,
+              public_dataset: Path | None = None) -> dict[str, Any]:
+    """Load `model_dir`'s EMA weights into the fresh `unet` (built from `model_cfg` for the private `dataset`) and
     return the card's `init_from` record (the public model's content hash, its data's hash, licence and source,
-    what was loaded). Refuses a model that was trained on this very dataset, or whose image shape or UNet differ."""
+    what was loaded, the overlap check). Refuses a model that was trained on this very dataset, or whose image
+    shape or UNet differ; with `public_dataset`, one that is not the model's data or shares an image with
+    `dataset`."""
     from diffusers import UNet2DModel
 
     from synth.layout import EMA_DIR
@@ -37,6 +40,7 @@ def load_init(unet: torch.nn.Module, model_dir: Path, *, model_cfg: ModelConfig,
     if card.trained_on == dataset_hash:
         raise InputError(where(model_dir, "was trained on this same dataset; --init-from needs a model trained on "
                                           "other (public) data"))
+    overlap = _check_public_data(public_dataset, card.trained_on, dataset)
     theirs = {k: int((card.image or {}).get(k, -1)) for k in ("height", "width", "channels")}
     ours = {k: int(image[k]) for k in ("height", "width", "channels")}
     if theirs != ours:
@@ -72,7 +76,20 @@ def load_init(unet: torch.nn.Module, model_dir: Path, *, model_cfg: ModelConfig,
         "class_embedding": embedding,
         "steps": card.extra("steps"),
         "trained_with_dp": card.privacy is not None,
+        "overlap_check": overlap,
     }
+
+
+def _check_public_data(public: Path | None, trained_on: str | None, private: Path) -> dict[str, Any]:
+    """The overlap check's record: run when the public dataset is given, else said not to have been run."""
+    if public is None:
+        return {"checked": False, "reason": "no public dataset given (init_from_dataset / --public-dataset)"}
+    from synth.data.canonical import load_dataset_header
+    from synth.data.overlap import check_disjoint
+
+    if load_dataset_header(public).content_hash != trained_on:
+        raise InputError(where(public, f"is not the dataset the init_from model was trained on ({trained_on})"))
+    return {"checked": True, **check_disjoint(Path(public), Path(private))}
 
 
 def _shape(image: dict[str, int]) -> str:

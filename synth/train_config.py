@@ -155,6 +155,9 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(ge=1)
     # A model directory to start from (public-data pretraining; synth.init_from). None: a fresh UNet.
     init_from: str | None = None
+    # The canonical dataset `init_from` was trained on: checked to be that model's data and to share no image
+    # (pixel sha256) with the training data (synth.data.overlap); the check is recorded in the model card.
+    init_from_dataset: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -196,6 +199,8 @@ class TrainConfig(BaseModel):
     def _check_stopping(self) -> TrainConfig:
         if self.epochs is None and self.max_steps is None and self.max_minutes is None:
             raise ValueError("set at least one of epochs, max_steps, max_minutes (training would never stop)")
+        if self.init_from_dataset is not None and self.init_from is None:
+            raise ValueError("init_from_dataset only applies with init_from (the model trained on it)")
         return self
 
     def to_json(self) -> dict[str, Any]:

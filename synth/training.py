@@ -233,7 +233,7 @@ def _setup(
     torch.manual_seed(seeds["init"])
     unet: UNet2DModel = build_unet(model_cfg).to(device)
     torch.set_rng_state(init_rng)
-    init_from = _load_init(unet, config, model_cfg, data)  # before the optimizer and EMA see the weights
+    init_from = _load_init(unet, config, model_cfg, data, dataset_dir)  # before the optimizer and EMA see them
     unet.train()
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=config.lr, betas=tuple(config.adam_betas), weight_decay=config.weight_decay
@@ -270,14 +270,16 @@ def _setup(
     )
 
 
-def _load_init(unet: nn.Module, config: TrainConfig, model_cfg: Any, data: TrainingData) -> dict | None:
+def _load_init(unet: nn.Module, config: TrainConfig, model_cfg: Any, data: TrainingData,
+               data_dir: Path) -> dict | None:
     """Start from `config.init_from`'s weights (public pretraining), or keep the fresh init (None)."""
     if config.init_from is None:
         return None
     from synth.init_from import load_init
 
+    public = Path(config.init_from_dataset) if config.init_from_dataset is not None else None
     return load_init(unet, Path(config.init_from), model_cfg=model_cfg, class_names=list(data.space.class_names),
-                     image=data.image, dataset_hash=data.dataset_hash)
+                     image=data.image, dataset_hash=data.dataset_hash, dataset=data_dir, public_dataset=public)
 
 
 def _finish(run: Run, stop_reason: str) -> None:

@@ -58,13 +58,15 @@ def test_unplanned_auto_config_is_refused_by_the_strategy(pneumonia_slice):
 
 def test_cli_auto_plan_is_recorded_in_ledger_and_card(pneumonia_slice, tmp_path):
     out = tmp_path / "model"
-    # 64 train images: batch 32 (≤ N/2) at 50 steps is the one candidate of a budget of 50 × 32.
-    assert run(["train", str(pneumonia_slice), "--out", str(out), "--preset", "tiny", "--max-steps", "50",
+    # 64 train images and a budget of 10 × 32: no batch reaches MIN_STEPS, so the config's batch keeps every step.
+    assert run(["train", str(pneumonia_slice), "--out", str(out), "--preset", "tiny", "--max-steps", "10",
                 "--max-minutes", "20", "--dp", "--epsilon", "8", "--accountant", "rdp", "--dp-plan", "auto",
                 "--no-progress", "--device", "cpu"]) == 0
     ledger = json.loads((out / "privacy_ledger.json").read_text())
     plan = ledger["dp_plan"]
-    assert plan["inputs"]["dataset_size"] == 64 and plan["inputs"]["budget_example_draws"] == 50 * 32
+    assert plan["inputs"]["dataset_size"] == 64 and plan["inputs"]["budget_example_draws"] == 10 * 32
+    assert (plan["chosen"]["batch_size"], plan["chosen"]["max_steps"]) == (32, 10)
+    assert "fewer than" in plan["reasons"]["batch_size"]
     assert ledger["batch_size"] == plan["chosen"]["batch_size"] and ledger["steps"] == plan["chosen"]["max_steps"]
     card = json.loads((out / "model_card.json").read_text())
     assert card["privacy"]["plan"] == plan

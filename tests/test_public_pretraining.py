@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from flows.cli import run
-from privacy.public_data import check_disjoint
 from synth.data.ingest import ingest
+from synth.data.overlap import check_disjoint
 from synth.errors import InputError
 from synth.train_config import TrainConfig
 from synth.training import train
@@ -45,7 +45,7 @@ def test_init_from_loads_public_weights_and_resets_a_different_class_embedding(p
     cfg = model_config_for(data, "tiny", where_=pneumonia_slice)
     unet = build_unet(cfg)
     record = load_init(unet, public_model, model_cfg=cfg, class_names=list(data.space.class_names),
-                       image=data.image, dataset_hash=data.dataset_hash)
+                       image=data.image, dataset_hash=data.dataset_hash, dataset=pneumonia_slice)
     public = UNet2DModel.from_pretrained(public_model / "unet_ema").state_dict()
     mine = unet.state_dict()
     assert all(torch.equal(mine[k], public[k]) for k in public if k != "class_embedding.weight")
@@ -70,6 +70,8 @@ def test_dp_fine_tuning_records_the_public_model_in_card_ledger_and_datasheet_te
     ledger = json.loads((out / "privacy_ledger.json").read_text())
     assert ledger["public_pretraining"]["content_hash"] == public_card["content_hash"]
     assert "private training images only" in card["privacy"]["explanation"]
+    check = card["init_from"]["overlap_check"]
+    assert check["checked"] is True and check["shared_images"] == 0 and check["public_images"] == 48
 
     from reports.dataset_card import privacy_statement
     from reports.facts import PrivacyFacts
@@ -79,6 +81,7 @@ def test_dp_fine_tuning_records_the_public_model_in_card_ledger_and_datasheet_te
 
     statement = privacy_statement(F)
     assert "covers the private training images only" in statement
+    assert "No image of that public set has the pixels of a private image" in statement
     assert public_card["content_hash"][:16] in statement
 
 
@@ -99,7 +102,11 @@ def test_mismatched_models_are_refused_in_one_line(public_dataset, pneumonia_sli
     own = train(pneumonia_slice, tmp_path / "own", TrainConfig(**{**FAST, "max_steps": 1}), progress=False)
     assert run([*argv, "--out", str(tmp_path / "b"), "--init-from", str(own)]) == 2
     assert "same dataset" in capsys.readouterr().err
-    assert not any((tmp_path / n).exists() for n in "abc")
+    # --public-dataset must be the data the public model was trained on.
+    assert run([*argv, "--out", str(tmp_path / "d"), "--init-from", str(small), "--public-dataset",
+                str(pneumonia_slice)]) == 2
+    assert "is not the dataset the init_from model was trained on" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in "abcd")
 
 
 def test_overlap_with_the_private_set_is_refused(pneumonia_dataset, pneumonia_slice, public_dataset):

@@ -1,4 +1,5 @@
-"""Public pretraining data must not overlap the private data: a private image in the "public" set would be trained
+"""Public pretraining data must not overlap the private data (`train.init_from_dataset`, `--public-dataset`, the
+release's `public_pretraining:` stage): a private image in the "public" set would be trained
 on without DP, and the DP guarantee (which covers the private set only) would not hold for it.
 
 `check_disjoint` compares the per-image pixel sha256 that every canonical dataset carries (`metadata.parquet`),
