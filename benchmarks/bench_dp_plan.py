@@ -95,6 +95,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     norms = grad_norms(dataset, args.preset)
     print(json.dumps({"grad_norms_at_init": {"min": norms[0], "median": norms[len(norms) // 2], "max": norms[-1]}}),
           flush=True)
+    init = None
+    if args.public:  # public pretraining: a non-private model on the public set, the same budget
+        public = ingest(Path(args.public), work / "public", size=28)
+        init = train(public, work / "public-model", TrainConfig(
+            preset=args.preset, batch_size=64, max_steps=args.budget // 64, max_minutes=None, condition_attributes=(),
+            threads=args.threads, checkpoint_every=None), progress=False)
     rows = []
     for eps in args.eps:
         for batch in args.batches:
@@ -103,7 +109,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                                                steps=steps, accountant="prv") if eps else 0.0
             cfg = TrainConfig(preset=args.preset, batch_size=batch, max_steps=steps, max_minutes=None,
                               lr_warmup_steps=max(1, min(10, steps // 10)), condition_attributes=(),
-                              threads=args.threads, checkpoint_every=None)
+                              threads=args.threads, checkpoint_every=None,
+                              init_from=str(init) if init else None)
             # ε 0: the non-private reference (same budget, batch and schedule).
             dp = DPConfig(epsilon=eps, max_physical_batch_size=min(batch, 64)) if eps else None
             out = work / f"m-{eps}-{batch}"
@@ -112,7 +119,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                   progress=False)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             true, null = val_losses(out, dataset)
-            row = {"epsilon": eps, "batch": batch, "steps": steps, "sigma": round(sigma, 3),
+            row = {"epsilon": eps, "pretrained": bool(init), "batch": batch, "steps": steps, "sigma": round(sigma, 3),
                    "noise_per_mean": round(sigma / batch, 5), "val_loss": round(true, 4),
                    "class_gap": round(null - true, 5), "cpu_s": round(cpu, 1), "wall_s": round(wall, 1)}
             rows.append(row)
@@ -145,6 +152,8 @@ def main() -> None:
     p.add_argument("--eps", type=float, nargs="+", default=[1.0, 10.0], help="0: non-private reference")
     p.add_argument("--batches", type=int, nargs="+", default=[64, 256, 512])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--public", help="pretrain (non-private, same budget) on this public .npz, ingested at 28 px, "
+                                    "and start every run from it")
     p.add_argument("--sigma-table", action="store_true", help="only the accountant's σ grid (seconds, no training)")
     args = p.parse_args()
     if args.sigma_table:
