@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from privacy.membership import MembershipConfig, membership_audit
+    from privacy.membership import membership_audit
+    from privacy.membership_config import MembershipConfig
     from synth.data.ingest import ingest
     from synth.data.locate import data_dir
 

@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+# The repository root: the planted-copy harness lives in tests/ (a test and benchmark harness, not product code).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def load_avg() -> str:
@@ -38,7 +42,7 @@ def load_avg() -> str:
 
 def tile(images: np.ndarray, n: int, seed: int) -> np.ndarray:
     """`n` images: the originals, then perturbed copies (shift up to 1 px, noise σ = 3) until there are n."""
-    from privacy.planted import shift
+    from tests.planted import shift
 
     rng = np.random.default_rng(seed)
     parts, have = [images[:n]], min(n, len(images))
@@ -52,7 +56,7 @@ def tile(images: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def image_set(images: np.ndarray, prefix: str):
-    from privacy.memorization import ImageSet
+    from privacy.image_set import ImageSet
     from synth.data.canonical import pixel_sha256
 
     ids = np.array([f"{prefix}-{i:06d}" for i in range(len(images))], dtype=object)
@@ -95,11 +99,13 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         train_encoder,
         training_data_id,
     )
-    from privacy.memorization import MemorizationConfig, brute_force_nearest, check_memorization, exact_nearest
-    from privacy.planted import run_planted
+    from privacy.memorization import check_memorization
+    from privacy.memorization_config import MemorizationConfig
+    from privacy.search import brute_force_nearest, exact_nearest
     from synth.data.canonical import load_dataset
     from synth.data.ingest import ingest
     from synth.data.locate import data_dir
+    from tests.planted import run_planted
 
     real_dir = ingest(data_dir() / "pneumoniamnist.npz", tmp / "pneumonia")
     real = load_dataset(real_dir)

@@ -39,7 +39,7 @@ def _generate_shard(model: str, out: str, n: int, k: int, shards: int) -> float:
 
 
 def _search_shard(reference: str, synthetic: str, out: str, k: int, shards: int) -> float:
-    from privacy.audit import search_synthetic_shard
+    from privacy.audit_sharding import search_synthetic_shard
 
     return _timed(search_synthetic_shard, Path(reference), Path(synthetic), Path(out), shard_index=k,
                   shard_count=shards)[1]
@@ -61,7 +61,8 @@ def _run_stage(client, fn, argsets) -> tuple[float, list[float]]:
 
 def _prepare(args, tmp: Path) -> tuple[Path, Path, Path, Path]:
     """Real dataset, model, a synthetic set and the privacy reference (built once, outside the timings)."""
-    from privacy.audit import PrivacyAuditConfig, prepare_privacy_reference
+    from privacy.audit_config import PrivacyAuditConfig
+    from privacy.audit_sharding import prepare_privacy_reference
     from synth.data.ingest import ingest
     from synth.data.locate import data_dir
     from synth.generate import generate

@@ -49,10 +49,12 @@ def privacy_cmd(
 ) -> int:
     """Memorization (nearest training image of every synthetic image), disclosure (k-anonymity), the DP ledger check
     and, with --model, membership inference; exit 1 when a blocking finding fails, 2 on bad input."""
-    from privacy.audit import PrivacyAuditConfig, audit_privacy, read_privacy_audit
+    from privacy.audit import audit_privacy, read_privacy_audit
+    from privacy.audit_config import PrivacyAuditConfig
     from privacy.embeddings import EncoderConfig
-    from privacy.membership import MembershipConfig
-    from privacy.memorization import MemorizationConfig, SearchConfig
+    from privacy.membership_config import MembershipConfig
+    from privacy.memorization_config import MemorizationConfig
+    from privacy.search import SearchConfig
 
     if threads is not None:
         import faiss

@@ -26,6 +26,9 @@ def train_cmd(
     config: Annotated[
         Path | None, typer.Option("--config", help="YAML file of TrainConfig keys overriding the preset.")
     ] = None,
+    kind: Annotated[str | None, typer.Option(
+        help="auto (default: latent above 32 px on a CPU) | pixel | latent (autoencoder + UNet on its latents).")
+    ] = None,
     dp: Annotated[bool, typer.Option("--dp", help="Train with DP-SGD (Opacus); needs --epsilon.")] = False,
     epsilon: Annotated[float | None, typer.Option(help="DP: target ε for the whole run.")] = None,
     delta: Annotated[float | None, typer.Option(help="DP: δ (default: a power of ten below 1/(10·N)).")] = None,
@@ -88,7 +91,7 @@ def train_cmd(
 
     overrides = {
         "max_minutes": max_minutes, "max_steps": max_steps, "epochs": epochs, "batch_size": batch_size,
-        "device": device, "seed": seed, "noise_multiplicity": noise_multiplicity,
+        "device": device, "seed": seed, "noise_multiplicity": noise_multiplicity, "kind": kind,
         "checkpoint_every": checkpoint_every, "condition_attributes": list(attribute) if attribute else None,
         "init_from": str(init_from) if init_from is not None else None,
         "init_from_dataset": str(public_dataset) if public_dataset is not None else None,

@@ -43,12 +43,26 @@ class Policy(BaseModel):
     min_per_class_count: int | None = Field(None, ge=0)
     disclosure_k: int = Field(5, ge=1)
     require_ledger_check: bool = True  # a DP claim must be recomputed independently
+    # A DP release's canary audit (privacy/dp_audit.py) must have run, and its ε lower bound must not exceed the
+    # audit run's claimed ε (if it does, the DP implementation does not deliver its claim).
+    require_dp_audit: bool = True
 
     @classmethod
     def from_yaml(cls, path: Path) -> Policy:
         """Load a policy file; one-line errors name the file and the field."""
         data = load_yaml(path)
         return build(cls, data.get("policy", data), source=path)
+
+
+class DPAuditOutcome(BaseModel):
+    """What the gate needs of a canary audit (`privacy.dp_audit`): its ε lower bound and the ε its run claims."""
+
+    model_config = ConfigDict(frozen=True)
+
+    epsilon_lower_bound: float
+    claimed_epsilon: float
+    epsilon_ceiling: float
+    canaries: int
 
 
 class GateInputs(BaseModel):
@@ -74,6 +88,7 @@ class GateInputs(BaseModel):
     trts_accuracy: float | None = None
     per_class_counts: dict[str, int] = Field(default_factory=dict)
     disclosure_violations: int | None = None  # attribute combinations released with fewer than k records
+    dp_audit: DPAuditOutcome | None = None  # the canary audit of a DP run (None: not run)
 
 
 def _upper(rule: str, value: float | None, limit: float | None, what: str) -> Check | None:
@@ -111,6 +126,20 @@ def _card_epsilon(card: float | None, ledger: float | None) -> Check:
     return Check(rule="card_epsilon", passed=ok, value=card, threshold=ledger, message=message)
 
 
+def _dp_audit(audit: DPAuditOutcome | None) -> Check:
+    """The empirical check of the DP implementation: its canary run's ε lower bound within that run's claim."""
+    if audit is None:
+        return Check(rule="dp_audit", passed=False, value=None, threshold=None,
+                     message="the canary audit of the DP implementation was not run (dp_audit.enabled: false); "
+                             "set policy.require_dp_audit: false to release without it")
+    ok = audit.epsilon_lower_bound <= audit.claimed_epsilon
+    message = (f"canary audit: empirical ε ≥ {audit.epsilon_lower_bound:.3g} "
+               f"{'within' if ok else 'EXCEEDS'} the audit run's claimed ε {audit.claimed_epsilon:.3g} "
+               f"({audit.canaries} canaries; detectable up to ε ≈ {audit.epsilon_ceiling:.2g})")
+    return Check(rule="dp_audit", passed=ok, value=audit.epsilon_lower_bound, threshold=audit.claimed_epsilon,
+                 message=message)
+
+
 def gate(inputs: GateInputs, policy: Policy) -> Verdict:
     """Judge a run against a policy; every failed check is a reason to block."""
     checks: list[Check | None] = []
@@ -129,6 +158,8 @@ def gate(inputs: GateInputs, policy: Policy) -> Verdict:
             ))
         if "card_epsilon" in inputs.model_fields_set:
             checks.append(_card_epsilon(inputs.card_epsilon, inputs.epsilon))
+        if policy.require_dp_audit:
+            checks.append(_dp_audit(inputs.dp_audit))
     elif policy.max_epsilon is not None:
         checks.append(Check(rule="max_epsilon", passed=False, value=None, threshold=policy.max_epsilon,
                             message="policy bounds ε but the model is not differentially private"))

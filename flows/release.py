@@ -75,6 +75,11 @@ def train_task(cfg: ReleaseConfig, dataset: Path) -> Path:
     return stages.train_stage(cfg, dataset)
 
 
+@_task("dp-audit")
+def dp_audit_task(cfg: ReleaseConfig, dataset: Path) -> Path | None:
+    return stages.dp_audit_stage(cfg, dataset)
+
+
 @_task("guidance-selection")
 def guidance_task(cfg: ReleaseConfig, dataset: Path, model: Path) -> ReleaseConfig:
     return stages.guidance_stage(cfg, dataset, model)
@@ -123,8 +128,9 @@ def utility_audit_task(cfg: ReleaseConfig, dataset: Path, released: Path, jobs: 
 
 
 @_task("gate")
-def gate_task(cfg: ReleaseConfig, privacy_dir: Path, utility_dir: Path, model: Path, released: Path) -> Verdict:
-    return stages.gate_stage(cfg, privacy_dir, utility_dir, model, released)
+def gate_task(cfg: ReleaseConfig, privacy_dir: Path, utility_dir: Path, model: Path, released: Path,
+              dp_audit: Path | None) -> Verdict:
+    return stages.gate_stage(cfg, privacy_dir, utility_dir, model, released, dp_audit)
 
 
 @_task("report")
@@ -166,8 +172,9 @@ class AuditedRun(BaseModel):
 
 @flow(name="release-pipeline", log_prints=True)
 def release_pipeline(cfg: ReleaseConfig) -> AuditedRun:
-    """Ingest → validate → train → generate (mapped over shards) → privacy audit (memorization search mapped over
-    shards) → utility audit (classifiers mapped) → gate → steward's report, on the task runner `cfg.runner`."""
+    """Ingest → validate → train (and, for DP, the canary audit) → generate (mapped over shards) → privacy audit
+    (memorization search mapped over shards) → utility audit (classifiers mapped) → gate → steward's report, on the
+    task runner `cfg.runner`."""
     shards = cfg.runner.shard_count()
     dataset = ingest_task(cfg)
     validate_task(cfg, dataset)
@@ -176,6 +183,8 @@ def release_pipeline(cfg: ReleaseConfig) -> AuditedRun:
     from flows.stage_public import with_init_from
 
     public_model = public_pretraining_task(cfg, dataset)  # None without `public_pretraining:`
+    # The canary check of a DP release's implementation (None otherwise): its own DP run, beside the generator's.
+    dp_audit = dp_audit_task.submit(cfg, dataset)
     model = train_task(with_init_from(cfg, public_model), dataset)
     generation = guidance_task(cfg, dataset, model)  # the config with the guidance scale fixed
     parts = generate_shard_task.map(unmapped(generation), unmapped(model), range(shards), unmapped(shards))
@@ -186,7 +195,7 @@ def release_pipeline(cfg: ReleaseConfig) -> AuditedRun:
     names = stages.utility_jobs(cfg, dataset, released)
     jobs = utility_job_task.map(unmapped(cfg), unmapped(dataset), unmapped(released), names)
     utility_dir = utility_audit_task(cfg, dataset, released, dict(zip(names, jobs.result(), strict=True)))
-    verdict = gate_task(cfg, privacy_dir, utility_dir, model, released)
+    verdict = gate_task(cfg, privacy_dir, utility_dir, model, released, dp_audit.result())
     run = {"dataset": dataset, "model": model, "released": released, "privacy_dir": privacy_dir,
            "utility_dir": utility_dir}
     report = report_task(cfg, verdict=verdict, **run)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from flows.policy import Policy
+from privacy.dp_audit_config import DPAuditConfig
 from privacy.dp_config import DPConfig
 from synth.config import build, load_yaml
 from synth.data.ingest_config import IngestConfig
@@ -43,6 +44,17 @@ class DPSettings(DPConfig):
     def config(self) -> DPConfig:
         """The trainer's DP config (these settings without `enabled`)."""
         return DPConfig(**self.model_dump(exclude={"enabled"}))
+
+
+class DPAuditSettings(DPAuditConfig):
+    """`dp_audit:` the canary audit of a DP release (privacy/dp_audit.py): one extra DP training run, on by default
+    for DP releases; `enabled: false` skips it (and the gate then says it was not run)."""
+
+    enabled: bool = True
+
+    def config(self) -> DPAuditConfig:
+        """The audit's settings without `enabled`."""
+        return DPAuditConfig(**self.model_dump(exclude={"enabled"}))
 
 
 class GenerateSettings(BaseModel):
@@ -179,6 +191,7 @@ class ReleaseConfig(BaseModel):
     train: TrainConfig = TrainConfig(preset="small")
     dp: DPSettings = DPSettings()
     public_pretraining: PublicPretrainingSettings | None = None
+    dp_audit: DPAuditSettings = DPAuditSettings()
     generate: GenerateSettings = GenerateSettings()
     privacy_audit: dict[str, Any] = Field(default_factory=dict, description="PrivacyAuditConfig fields")
     # The CPU demo measures augmentation at one ratio; add more (e.g. [0.5, 1, 2]) when time allows.
@@ -217,11 +230,20 @@ class ReleaseConfig(BaseModel):
             raise ValueError("public_pretraining.train.init_from must be empty (pretraining starts fresh)")
         return self
 
+    @model_validator(mode="after")
+    def _latent_needs_no_dp(self) -> ReleaseConfig:
+        # Refused when the config is read, not after the data stage: see synth.generator_kind.
+        from synth.generator_kind import LATENT_DP_REFUSAL
+
+        if self.dp.enabled and self.train.kind == "latent":
+            raise ValueError(LATENT_DP_REFUSAL)
+        return self
+
     @field_validator("privacy_audit")
     @classmethod
     def _privacy_audit(cls, value: dict[str, Any]) -> dict[str, Any]:
         # Checked now, not when the stage runs after minutes of training.
-        from privacy.audit import PrivacyAuditConfig
+        from privacy.audit_config import PrivacyAuditConfig
 
         PrivacyAuditConfig.model_validate(value)
         return value

@@ -22,7 +22,7 @@ from synth.errors import PolicyBlocked, where
 
 
 def _privacy_audit_config(cfg: ReleaseConfig) -> Any:
-    from privacy.audit import PrivacyAuditConfig
+    from privacy.audit_config import PrivacyAuditConfig
 
     return build_config(PrivacyAuditConfig, cfg.privacy_audit, "privacy_audit")
 
@@ -30,7 +30,7 @@ def _privacy_audit_config(cfg: ReleaseConfig) -> Any:
 def privacy_reference_stage(cfg: ReleaseConfig, dataset: Path) -> Path:
     """What every memorization shard compares against: the copy-detection encoder, the real embeddings and the
     thresholds calibrated on real holdout images. Needs only the real data: runs beside the generator's training."""
-    from privacy.audit import prepare_privacy_reference
+    from privacy.audit_sharding import prepare_privacy_reference
 
     audit_cfg = _privacy_audit_config(cfg)
     return run_stage(
@@ -43,7 +43,7 @@ def privacy_reference_stage(cfg: ReleaseConfig, dataset: Path) -> Path:
 def memorization_shard_stage(cfg: ReleaseConfig, reference: Path, synthetic: Path, shard_index: int,
                              shard_count: int) -> Path:
     """Nearest training images of one shard of the synthetic set, in every space."""
-    from privacy.audit import search_synthetic_shard
+    from privacy.audit_sharding import search_synthetic_shard
 
     return run_stage(
         cfg.workdir, shard_name(PRIVACY, shard_index, shard_count),

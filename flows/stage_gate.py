@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flows.policy import GateInputs, Verdict, gate
+from flows.policy import DPAuditOutcome, GateInputs, Verdict, gate
 from flows.release_config import ReleaseConfig
 from flows.stage_runner import (
     PUBLIC_REPORT,
@@ -19,7 +19,8 @@ from flows.stage_runner import (
 from synth.artifacts import atomic_file
 
 
-def gate_inputs(privacy_dir: Path, utility_dir: Path, model: Path, released: Path) -> GateInputs:
+def gate_inputs(privacy_dir: Path, utility_dir: Path, model: Path, released: Path,
+                dp_audit: Path | None = None) -> GateInputs:
     """The numbers the gate judges, read off the artifacts (and recomputed on the released set where it matters:
     what is released is what must be safe)."""
     import pandas as pd
@@ -57,7 +58,18 @@ def gate_inputs(privacy_dir: Path, utility_dir: Path, model: Path, released: Pat
         **utility_gate_fields(utility.body()),
         per_class_counts={str(k): int(v) for k, v in counts.items()},
         disclosure_violations=disclosure.violations + int(disclosure.released_patient_id),
+        dp_audit=_dp_audit_outcome(dp_audit),
     )
+
+
+def _dp_audit_outcome(root: Path | None) -> DPAuditOutcome | None:
+    if root is None:
+        return None
+    from privacy.dp_audit import read_dp_audit
+
+    h = read_dp_audit(root)
+    return DPAuditOutcome(epsilon_lower_bound=h["epsilon_lower_bound"], claimed_epsilon=h["claimed_epsilon"],
+                          epsilon_ceiling=h["epsilon_ceiling"], canaries=h["canaries"])
 
 
 def utility_gate_fields(utility: Mapping[str, Any]) -> dict[str, float | None]:
@@ -96,9 +108,10 @@ def utility_markdown(utility_dir: Path) -> str:
     return "\n".join([*lines, "", f"TSTR/TRTR ratios: {ratios or '–'}. Worst classes: {worst or '–'}. {floor}"])
 
 
-def gate_stage(cfg: ReleaseConfig, privacy_dir: Path, utility_dir: Path, model: Path, released: Path) -> Verdict:
+def gate_stage(cfg: ReleaseConfig, privacy_dir: Path, utility_dir: Path, model: Path, released: Path,
+               dp_audit: Path | None = None) -> Verdict:
     """Judge the run against the policy; the verdict is written to the work dir (small JSON)."""
-    verdict = gate(gate_inputs(privacy_dir, utility_dir, model, released), cfg.policy)
+    verdict = gate(gate_inputs(privacy_dir, utility_dir, model, released, dp_audit), cfg.policy)
     with atomic_file(cfg.workdir / VERDICT) as tmp:
         tmp.write_text(verdict.model_dump_json(indent=2))
     return verdict

@@ -72,7 +72,7 @@ def release_facts(
         git_commit=git_commit(),
         source=SourceFacts.from_dataset(dataset),
         model=ModelFacts.from_model_dir(model).model_copy(update={"guidance_scale": guidance_scale}),
-        privacy=PrivacyFacts.from_model_dir(model),
+        privacy=PrivacyFacts.from_model_dir(model).with_empirical_audit(_dp_audit_dir(cfg)),
         privacy_audit=PrivacyAuditFacts(
             flagged_fraction_before=mem.flagged_fraction,
             flagged_fraction_after=0.0 if released != synthetic else mem.flagged_fraction,
@@ -174,3 +174,11 @@ def publish_stage(cfg: ReleaseConfig, bundle: Path, release_id: str) -> Path:
 
     public_key = load_private_key(cfg.private_key, passphrase=passphrase(cfg)).public_key()
     return publish(bundle, cfg.releases_dir, public_key, release_id=release_id)
+
+
+def _dp_audit_dir(cfg: ReleaseConfig) -> Path | None:
+    """The run's canary audit of its DP training (`flows.stage_dp_audit`), when it ran."""
+    from flows.stage_dp_audit import DP_AUDIT
+
+    path = cfg.workdir / DP_AUDIT
+    return path if cfg.dp.enabled and cfg.dp_audit.enabled and path.is_dir() else None

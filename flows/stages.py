@@ -7,7 +7,8 @@ Prefect tasks in `flows/release.py` are thin wrappers over these; tests call the
 
 This module is the pipeline's index: each stage lives in a module named for what it does and is re-exported here,
 in pipeline order: `stage_runner` (caching, stage names), `stage_data` (ingest, validate), `stage_generator`
-(train, guidance, generate), `stage_audits` (privacy, utility), `stage_gate` (gate inputs, verdict, report),
+(train, guidance, generate), `stage_dp_audit` (the canary check of a DP
+run), `stage_audits` (privacy, utility), `stage_gate` (gate inputs, verdict, report),
 `stage_release` (facts, bundle, publish).
 """
 
@@ -25,6 +26,7 @@ from flows.stage_audits import (
     utility_jobs,
 )
 from flows.stage_data import ingest_stage, validate_stage
+from flows.stage_dp_audit import DP_AUDIT, dp_audit_stage
 from flows.stage_gate import gate_inputs, gate_stage, report_stage, utility_gate_fields, utility_markdown
 from flows.stage_generator import generate_stage, guidance_facts, guidance_stage, merge_synthetic_stage, train_stage
 from flows.stage_release import (
@@ -58,13 +60,14 @@ from flows.stage_runner import (
 )
 
 __all__ = [
-    "BUNDLE", "DATASET", "GUIDANCE", "MODEL", "PRIVACY", "PRIVACY_REFERENCE", "PUBLIC_REPORT", "RELEASED", "REPORT",
-    "STAMPS", "SYNTHETIC", "UTILITY", "VALIDATION", "VERDICT", "artifact_hash", "build_config", "bundle_stage",
-    "gate_inputs", "gate_stage", "generate_stage", "guidance_facts", "guidance_stage", "ingest_stage",
-    "memorization_shard_stage", "merge_synthetic_stage", "privacy_audit_stage", "privacy_reference_stage",
-    "provenance_predicate", "publish_stage", "published_stage", "release_facts", "release_id_for", "report_stage",
-    "run_stage", "shard_name", "stage_key", "train_stage", "utility_audit_stage", "utility_gate_fields",
-    "utility_job_stage", "utility_jobs", "utility_markdown", "validate_stage", "with_absolute_paths",
+    "BUNDLE", "DATASET", "DP_AUDIT", "GUIDANCE", "MODEL", "PRIVACY", "PRIVACY_REFERENCE", "PUBLIC_REPORT", "RELEASED",
+    "REPORT", "STAMPS", "SYNTHETIC", "UTILITY", "VALIDATION", "VERDICT", "artifact_hash", "build_config",
+    "bundle_stage", "dp_audit_stage", "gate_inputs", "gate_stage", "generate_stage", "guidance_facts",
+    "guidance_stage", "ingest_stage", "memorization_shard_stage", "merge_synthetic_stage", "privacy_audit_stage",
+    "privacy_reference_stage", "provenance_predicate", "publish_stage", "published_stage", "release_facts",
+    "release_id_for", "report_stage", "run_stage", "shard_name", "stage_key", "train_stage", "utility_audit_stage",
+    "utility_gate_fields", "utility_job_stage", "utility_jobs", "utility_markdown", "validate_stage",
+    "with_absolute_paths",
 ]
 
 

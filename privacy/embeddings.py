@@ -12,8 +12,10 @@ Two spaces, both giving float32 L2-normalised vectors so that one distance (Eucl
   exactly the geometry a nearest-neighbour memorization check needs.
 
 The encoder is CPU-sized (about 0.7 M multiply-adds per 28×28 image) so that embedding tens of thousands of images
-takes seconds. It is saved as a directory artifact (`encoder.json` header + `encoder.safetensors`) with its config
-and the content hash of the data it was trained on. No torchvision: augmentations are written with torch ops
+takes seconds. Larger images are average-pooled first by `input_pool(side)` (64 px by 2, 128 px by 4), so the
+encoder sees a 28-32 px view and costs the same at every size: the exact pixel space keeps full resolution.
+It is saved as a directory artifact (`encoder.json` header + `encoder.safetensors`) with its config and the content
+hash of the data it was trained on. No torchvision: augmentations are written with torch ops
 (`affine_grid` / `grid_sample` for geometry).
 """
 
@@ -125,7 +127,12 @@ class PixelSpace:
 # The learned encoder (torch is imported lazily: `import privacy.embeddings` stays cheap for the CLI).
 
 
-def _build_net(cfg: EncoderConfig, channels: int):
+def input_pool(side: int) -> int:
+    """Average-pooling factor in front of the encoder for images of `side` pixels (1 up to 63 px)."""
+    return max(1, int(side) // 32)
+
+
+def _build_net(cfg: EncoderConfig, channels: int, side: int = 28):
     import torch
     from torch import nn
 
@@ -140,6 +147,9 @@ def _build_net(cfg: EncoderConfig, channels: int):
 
         def __init__(self) -> None:
             super().__init__()
+            # No parameters, outside `features`: a 28-px encoder's saved weights keep their keys.
+            pool = input_pool(side)
+            self.pool = nn.AvgPool2d(pool) if pool > 1 else nn.Identity()
             self.features = nn.Sequential(
                 nn.Conv2d(channels, w1, 3, stride=2, padding=1),
                 nn.BatchNorm2d(w1),
@@ -161,6 +171,7 @@ def _build_net(cfg: EncoderConfig, channels: int):
             )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.pool(x)
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
             z = self.head(self.features((x - mean) / std))
@@ -315,7 +326,7 @@ def _train(images: np.ndarray, config: EncoderConfig, *, data_hash: str, log_eve
         raise InputError(f"encoder training images: need at least 2 images, got {len(images)}")
     channels = 1 if images.ndim == 3 else int(images.shape[3])
     torch.manual_seed(config.seed)
-    net = _build_net(config, channels)
+    net = _build_net(config, channels, int(images.shape[1]))
     gen = torch.Generator().manual_seed(config.seed)
     data = _to_tensor(images)
     batch = min(config.batch_size, len(data))
@@ -405,7 +416,7 @@ def load_encoder(root: Path) -> Encoder:
     meta = {k: header[k] for k in ("image", "trained_on", "training") if k in header}
     if "image" not in meta:
         raise InputError(where(root / ENCODER_HEADER, "has no image spec"))
-    net = _build_net(config, int(meta["image"]["channels"]))
+    net = _build_net(config, int(meta["image"]["channels"]), int(meta["image"]["height"]))
     try:
         net.load_state_dict(load_file(str(root / ENCODER_WEIGHTS)))
     except (RuntimeError, OSError) as e:

@@ -38,8 +38,8 @@ separately, seeded), and the ROC curve downsampled for a (log-scale) plot. TPR a
 non-members: with n non-members only ⌊α·n⌋ false positives are allowed, so TPR@0.1%FPR below 1000 non-members is
 the TPR at *zero* false positives, an extreme-value statistic that says little; the result's `note` says so.
 
-This module must not import `reports` (dependencies point flows → reports → privacy → synth): its small ROC/AUC
-helpers live here.
+Modules: the config `privacy.membership_config`, who is attacked `privacy.membership_sets`, the attacks' model
+queries `privacy.membership_attacks`, the ROC/AUC metrics `privacy.roc`; here the results and the audit itself.
 """
 
 from __future__ import annotations
@@ -49,19 +49,16 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from privacy.membership_attacks import loss_errors, pia_distances, to_model_input
+from privacy.membership_config import HOLDOUT_SPLITS, MembershipConfig
+from privacy.membership_sets import AuditSets, select_sets
+from privacy.roc import FPR_TARGETS, bootstrap_metrics, downsample_roc, roc_auc, roc_curve, tpr_at_fpr
 from synth.errors import ConfigError, InputError, where
 
-ATTACKS: tuple[str, ...] = ("loss", "pia")
-AttackName = Literal["loss", "pia"]
-HOLDOUT_SPLITS: tuple[str, ...] = ("val", "test")
-FPR_TARGETS: dict[str, float] = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0_1pct_fpr": 0.001}
-MIN_PER_SIDE = 10  # below this an AUC's CI spans most of [0, 1]
 # TPR@α is reported as unreliable when fewer than this many false positives are allowed (⌊α·n⌋).
 MIN_FALSE_POSITIVES = 10
 
@@ -69,295 +66,6 @@ ATTACK_DESCRIPTIONS = {
     "loss": "denoising-loss threshold attack: −mean ‖ε − ε̂(x_t, t, y)‖² over fixed timesteps and fixed noise draws",
     "pia": "PIA (Kong et al., ICLR 2024): −‖ε̂(x_t, t, y) − ε̂(x_0, 0, y)‖_p with x_t built from ε̂(x_0, 0, y)",
 }
-
-
-class MembershipConfig(BaseModel):
-    """How the membership audit samples, attacks and reports. Frozen; `model_dump(mode="json")` is its record."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    n: int = Field(256, ge=MIN_PER_SIDE)  # members, and as many non-members (fewer when the data has fewer)
-    seed: int = Field(0, ge=0)
-    weights: Literal["ema", "raw"] = "ema"
-    attacks: tuple[AttackName, ...] = ATTACKS
-    stratify: bool = True  # same number of members and non-members per condition
-    exclude_duplicates: bool = True  # drop holdout images whose pixels are in the train split
-    loss_timesteps: tuple[int, ...] = (50, 100, 200)
-    loss_noise_draws: int = Field(4, ge=1)
-    pia_timestep: int = Field(200, ge=1)
-    pia_p: float = Field(4.0, ge=1)
-    bootstrap: int = Field(1000, ge=0)  # resamples for the CIs; 0: no CIs
-    ci_level: float = Field(0.95, gt=0, lt=1)
-    roc_points: int = Field(120, ge=4)  # at most this many ROC points are kept for the plot
-    batch_size: int = Field(128, ge=1)  # UNet rows per forward pass
-    device: str = "auto"
-
-    @field_validator("attacks")
-    @classmethod
-    def _check_attacks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if not value:
-            raise ValueError(f"attacks is empty; choose from {list(ATTACKS)}")
-        if len(set(value)) != len(value):
-            raise ValueError(f"attacks {list(value)} repeats a name")
-        return value
-
-    @field_validator("loss_timesteps")
-    @classmethod
-    def _check_timesteps(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if not value or any(t < 0 for t in value) or len(set(value)) != len(value):
-            raise ValueError(f"loss_timesteps {list(value)} must be distinct timesteps >= 0")
-        return tuple(sorted(value))
-
-
-# -- ROC / AUC (scores: higher = more likely a member) -------------------------------------------------------
-
-
-def _scores(x: Any, what: str) -> np.ndarray:
-    a = np.asarray(x, dtype=np.float64).reshape(-1)
-    if a.size == 0:
-        raise ConfigError(f"{what} scores are empty")
-    if not np.isfinite(a).all():
-        raise ConfigError(f"{what} scores contain {int((~np.isfinite(a)).sum())} non-finite value(s)")
-    return a
-
-
-def roc_auc(members: Any, nonmembers: Any) -> float:
-    """P(member score > non-member score) + ½·P(equal): the Mann–Whitney U statistic from midranks."""
-    from scipy.stats import rankdata
-
-    pos, neg = _scores(members, "member"), _scores(nonmembers, "non-member")
-    ranks = rankdata(np.concatenate([pos, neg]), method="average")
-    u = ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2
-    return float(u / (pos.size * neg.size))
-
-
-def tpr_at_fpr(members: Any, nonmembers: Any, fpr: float) -> float:
-    """The largest TPR over thresholds ("member" when score >= threshold) whose FPR is at most `fpr`.
-
-    With n non-members at most k = ⌊fpr·n⌋ false positives are allowed; the best such threshold lies just above the
-    (k+1)-th largest non-member score s, so TPR = fraction of members scoring strictly above s.
-    """
-    pos, neg = _scores(members, "member"), _scores(nonmembers, "non-member")
-    if not 0 <= fpr <= 1:
-        raise ConfigError(f"fpr {fpr!r} outside [0, 1]")
-    k = math.floor(fpr * neg.size + 1e-9)
-    if k >= neg.size:
-        return 1.0
-    cut = np.sort(neg)[::-1][k]
-    return float((pos > cut).mean())
-
-
-def roc_curve(members: Any, nonmembers: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Every vertex of the empirical ROC curve, (0, 0) first and (1, 1) last: (fpr, tpr), both non-decreasing."""
-    pos, neg = _scores(members, "member"), _scores(nonmembers, "non-member")
-    scores = np.concatenate([pos, neg])
-    is_pos = np.concatenate([np.ones(pos.size), np.zeros(neg.size)])
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], is_pos[order]
-    last_of_tie = np.r_[s[1:] != s[:-1], True]  # one vertex per distinct threshold
-    tp, fp = np.cumsum(y)[last_of_tie], np.cumsum(1 - y)[last_of_tie]
-    return np.r_[0.0, fp / neg.size], np.r_[0.0, tp / pos.size]
-
-
-def downsample_roc(fpr: np.ndarray, tpr: np.ndarray, max_points: int, *, min_fpr: float) -> dict[str, list[float]]:
-    """At most `max_points` ROC vertices for a plot, dense at low FPR (log grid from `min_fpr`) and across [0, 1].
-
-    For each grid value g the kept vertex is the last one with FPR <= g (the best TPR there), so the points are
-    true vertices and the step curve through them never overstates the attack.
-    """
-    fpr, tpr = np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
-    if fpr.size <= max_points:
-        keep = np.arange(fpr.size)
-    else:
-        half = max(2, (max_points - 2) // 2)
-        grid = np.unique(np.r_[np.geomspace(max(min_fpr, 1e-6), 1.0, half), np.linspace(0.0, 1.0, half)])
-        idx = np.searchsorted(fpr, grid, side="right") - 1
-        keep = np.unique(np.r_[0, idx[idx >= 0], fpr.size - 1])[:max_points]
-        if keep[-1] != fpr.size - 1:
-            keep[-1] = fpr.size - 1
-    return {"fpr": [round(float(v), 6) for v in fpr[keep]], "tpr": [round(float(v), 6) for v in tpr[keep]]}
-
-
-def bootstrap_metrics(
-    members: np.ndarray, nonmembers: np.ndarray, *, resamples: int, level: float, seed: int | np.random.SeedSequence
-) -> dict[str, list[float]]:
-    """Percentile CIs of AUC and TPR@FPR from resampling members and non-members separately (with replacement)."""
-    pos, neg = _scores(members, "member"), _scores(nonmembers, "non-member")
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {"auc": [], **{k: [] for k in FPR_TARGETS}}
-    for _ in range(resamples):
-        p, q = pos[rng.integers(0, pos.size, pos.size)], neg[rng.integers(0, neg.size, neg.size)]
-        draws["auc"].append(roc_auc(p, q))
-        for key, alpha in FPR_TARGETS.items():
-            draws[key].append(tpr_at_fpr(p, q, alpha))
-    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
-    return {k: [float(np.percentile(v, lo)), float(np.percentile(v, hi))] for k, v in draws.items()}
-
-
-# -- the sets ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AuditSets:
-    """Who is a member: the sampled rows of the real dataset and everything the attacks need about them."""
-
-    images: np.ndarray  # uint8 N×H×W[×C]: members first, then non-members
-    conditions: np.ndarray  # int64 N
-    is_member: np.ndarray  # bool N
-    splits: np.ndarray  # str N ("train", "val", "test")
-    image_ids: np.ndarray  # str N
-    excluded_duplicates: int  # holdout images left out because their pixels are in the train split
-    available: dict[str, int]  # train / holdout images that could be drawn
-
-    @property
-    def n_members(self) -> int:
-        return int(self.is_member.sum())
-
-    @property
-    def n_nonmembers(self) -> int:
-        return int((~self.is_member).sum())
-
-
-def _allocate(n: int, weights: np.ndarray, caps: np.ndarray) -> np.ndarray:
-    """Split n over groups proportionally to `weights`, at most `caps[i]` each (largest shortfall first)."""
-    n = int(min(n, caps.sum()))
-    share = n * weights / weights.sum()
-    counts = np.minimum(np.floor(share).astype(np.int64), caps)
-    while counts.sum() < n:
-        room = counts < caps
-        counts[np.argmax(np.where(room, share - counts, -np.inf))] += 1
-    return counts
-
-
-def select_sets(ds: Any, conditions_of: Any, config: MembershipConfig, *, where_: Path) -> AuditSets:
-    """Draw members (train split) and as many non-members (val + test) from a canonical dataset, seeded.
-
-    `conditions_of(metadata) -> int64 array` encodes the condition of each row (the model's condition space).
-    """
-    meta: pd.DataFrame = ds.metadata
-    split = meta["split"].astype(str).to_numpy()
-    train_rows = np.flatnonzero(split == "train")
-    hold_rows = np.flatnonzero(np.isin(split, HOLDOUT_SPLITS))
-    if train_rows.size == 0:
-        raise InputError(where(where_, f"has no 'train' split (splits: {sorted(set(split))}): no members to audit"))
-    if hold_rows.size == 0:
-        raise InputError(
-            where(where_, f"has no holdout images (no {'/'.join(HOLDOUT_SPLITS)} split; splits: "
-                          f"{sorted(set(split))}): membership needs real non-members the model never saw")
-        )
-    excluded = 0
-    if config.exclude_duplicates:
-        train_hashes = set(meta["sha256"].to_numpy()[train_rows])
-        dup = np.isin(meta["sha256"].to_numpy()[hold_rows], list(train_hashes))
-        excluded = int(dup.sum())
-        hold_rows = hold_rows[~dup]
-    try:
-        cond = np.asarray(conditions_of(meta), dtype=np.int64)
-    except (ConfigError, KeyError) as e:
-        raise InputError(where(where_, f"metadata does not fit the model's condition space ({e})")) from None
-    available = {"train": int(train_rows.size), "holdout": int(hold_rows.size)}
-    per_side = min(config.n, train_rows.size, hold_rows.size)
-    if per_side < MIN_PER_SIDE:
-        raise InputError(
-            where(where_, f"only {per_side} members/non-members can be drawn (train {train_rows.size}, holdout "
-                          f"{hold_rows.size} after {excluded} duplicate(s)); need >= {MIN_PER_SIDE} each")
-        )
-    rng = np.random.default_rng(np.random.SeedSequence([config.seed, 1]))
-    if config.stratify:
-        groups = np.unique(cond[np.r_[train_rows, hold_rows]])
-        n_train = np.array([(cond[train_rows] == g).sum() for g in groups])
-        n_hold = np.array([(cond[hold_rows] == g).sum() for g in groups])
-        counts = _allocate(per_side, n_hold.astype(float), np.minimum(n_train, n_hold))
-        members = np.concatenate([rng.choice(train_rows[cond[train_rows] == g], size=c, replace=False)
-                                  for g, c in zip(groups, counts, strict=True)])
-        nonmembers = np.concatenate([rng.choice(hold_rows[cond[hold_rows] == g], size=c, replace=False)
-                                     for g, c in zip(groups, counts, strict=True)])
-        if members.size < MIN_PER_SIDE:
-            raise InputError(
-                where(where_, f"only {members.size} members/non-members share a condition; need >= {MIN_PER_SIDE}")
-            )
-    else:
-        members = rng.choice(train_rows, size=per_side, replace=False)
-        nonmembers = rng.choice(hold_rows, size=per_side, replace=False)
-    rows = np.r_[np.sort(members), np.sort(nonmembers)]
-    return AuditSets(
-        images=np.asarray(ds.images[rows]),
-        conditions=cond[rows],
-        is_member=np.r_[np.ones(members.size, bool), np.zeros(nonmembers.size, bool)],
-        splits=split[rows],
-        image_ids=meta["image_id"].astype(str).to_numpy()[rows],
-        excluded_duplicates=excluded,
-        available=available,
-    )
-
-
-# -- the attacks ---------------------------------------------------------------------------------------------
-
-
-def to_model_input(images: np.ndarray) -> Any:
-    """uint8 N×H×W[×C] → float32 N×C×H×W in [-1, 1] (the training transform)."""
-    import torch
-
-    a = np.ascontiguousarray(images)
-    t = torch.from_numpy(a).unsqueeze(1) if a.ndim == 3 else torch.from_numpy(a).permute(0, 3, 1, 2)
-    return t.float().div(127.5).sub(1.0).contiguous()
-
-
-def _predict(unet: Any, x: Any, t: int, y: Any) -> Any:
-    import torch
-
-    steps = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-    return unet(x, steps, class_labels=y).sample.float()
-
-
-def loss_errors(
-    unet: Any, alphas_cumprod: Any, x0: Any, y: Any, *, timesteps: Sequence[int], noise: Any, batch_size: int
-) -> np.ndarray:
-    """Denoising error per image, timestep and noise draw: N×len(timesteps)×K (mean squared error over pixels).
-
-    `noise` (K×C×H×W) is shared by every image. Runs on the UNet's device; `x0`, `y` on the CPU.
-    """
-    import torch
-
-    device = next(unet.parameters()).device
-    k = noise.shape[0]
-    noise = noise.to(device)
-    out = np.empty((x0.shape[0], len(timesteps), k), dtype=np.float64)
-    per = max(1, batch_size // k)  # images per forward pass: each brings its K draws
-    with torch.inference_mode():
-        for start in range(0, x0.shape[0], per):
-            xb = x0[start : start + per].to(device)
-            yb = y[start : start + per].to(device).repeat_interleave(k)
-            b = xb.shape[0]
-            eps = noise.repeat(b, 1, 1, 1)  # row i·K + j: image i, draw j
-            xr = xb.repeat_interleave(k, dim=0)
-            for j, t in enumerate(timesteps):
-                a = alphas_cumprod[int(t)].to(device)
-                xt = a.sqrt() * xr + (1 - a).sqrt() * eps
-                err = (_predict(unet, xt, t, yb) - eps).pow(2).flatten(1).mean(1)
-                out[start : start + b, j, :] = err.reshape(b, k).double().cpu().numpy()
-    return out
-
-
-def pia_distances(
-    unet: Any, alphas_cumprod: Any, x0: Any, y: Any, *, timestep: int, p: float, batch_size: int
-) -> np.ndarray:
-    """PIA's R_{t,p} per image: (mean over pixels |ε̂(x_t, t, y) − ε₀|^p)^(1/p), ε₀ = ε̂(x₀, 0, y) and
-    x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε₀ (Kong et al., ICLR 2024)."""
-    import torch
-
-    device = next(unet.parameters()).device
-    a = alphas_cumprod[int(timestep)].to(device)
-    out = np.empty(x0.shape[0], dtype=np.float64)
-    with torch.inference_mode():
-        for start in range(0, x0.shape[0], batch_size):
-            xb = x0[start : start + batch_size].to(device)
-            yb = y[start : start + batch_size].to(device)
-            eps0 = _predict(unet, xb, 0, yb)
-            xt = a.sqrt() * xb + (1 - a).sqrt() * eps0
-            diff = (_predict(unet, xt, timestep, yb) - eps0).abs().flatten(1)
-            out[start : start + xb.shape[0]] = diff.pow(p).mean(1).pow(1 / p).double().cpu().numpy()
-    return out
 
 
 # -- results -------------------------------------------------------------------------------------------------
@@ -595,6 +303,8 @@ def membership_audit(model_dir: Path, real_dir: Path, *, config: MembershipConfi
         raise ConfigError(where(model_dir, f"timestep {max(asked)} outside the model's 0..{total - 1}"))
     alphas = scheduler.alphas_cumprod.float()
     x0 = to_model_input(sets.images)
+    if getattr(pipe, "vae", None) is not None:  # a latent generator's UNet is queried on the images' latents
+        x0 = torch.cat([pipe.encode(b).float().cpu() for b in x0.split(config.batch_size)])
     y = torch.from_numpy(sets.conditions)
     seeds = np.random.SeedSequence([config.seed, 2]).spawn(1 + len(config.attacks))
 

@@ -33,15 +33,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from privacy.embeddings import EmbeddingSpace, PixelSpace
-from privacy.memorization import (
-    PIXEL,
-    REGISTERED,
-    MemorizationConfig,
-    Reference,
-    ShardResult,
-    SpaceReference,
-)
+from privacy.embeddings import PIXEL, EmbeddingSpace, PixelSpace
+from privacy.memorization_config import REGISTERED, MemorizationConfig
+from privacy.memorization_reference import Reference, SpaceReference
+from privacy.memorization_shards import ShardResult
 from synth.artifacts import write_json
 from synth.errors import ConfigError, InputError, where
 

@@ -51,6 +51,10 @@ __all__ = [
 ]
 
 
+LATENT_ARCHITECTURE = ("class-conditional latent diffusion (diffusers UNet2DModel on the latents of an "
+                       "AutoencoderKL trained on the same training split)")
+
+
 class ModelFacts(_Facts):
     """The generator: which weights, how they were trained, what they are conditioned on."""
 
@@ -82,6 +86,7 @@ class ModelFacts(_Facts):
             content_hash=card.content_hash,
             preset=train.get("preset"),
             weights=(card.weights or {}).get("default"),
+            **({"architecture": LATENT_ARCHITECTURE} if card.generator_kind == "latent" else {}),
             training=training,
             condition_attributes={a["name"]: tuple(a["values"]) for a in cond.get("attributes", [])},
             num_conditions=cond.get("num_conditions"),
@@ -112,8 +117,11 @@ class PrivacyFacts(_Facts):
     # The public model training started from (content hash, its data's licence and source): not covered by ε.
     public_pretraining: dict[str, Any] | None = None
     dp_plan: dict[str, Any] | None = None  # how the DP settings were chosen (privacy.dp_plan), when planned
+    # The canary audit of the DP implementation (privacy/dp_audit.py): verdict, epsilon_lower_bound,
+    # claimed_epsilon (of the audit run), epsilon_ceiling, canaries. Empty when it was not run.
+    empirical_audit: dict[str, Any] = Field(default_factory=dict)
 
-    _plain = field_validator("epsilon_check")(_plain_dict)
+    _plain = field_validator("epsilon_check", "empirical_audit")(_plain_dict)
 
     @model_validator(mode="after")
     def _dp_needs_numbers(self) -> PrivacyFacts:
@@ -126,6 +134,16 @@ class PrivacyFacts(_Facts):
     @classmethod
     def not_private(cls) -> PrivacyFacts:
         return cls(dp=False)
+
+    def with_empirical_audit(self, dp_audit_dir: Path | None) -> PrivacyFacts:
+        """These facts plus the canary audit's outcome read from `dp_audit_dir` (unchanged without one)."""
+        if dp_audit_dir is None or not self.dp:
+            return self
+        from privacy.dp_audit import read_dp_audit
+
+        h = read_dp_audit(dp_audit_dir)
+        keys = ("verdict", "epsilon_lower_bound", "claimed_epsilon", "epsilon_ceiling", "canaries")
+        return self.model_copy(update={"empirical_audit": {k: h[k] for k in keys}})
 
     @classmethod
     def from_model_dir(cls, model_dir: Path) -> PrivacyFacts:

@@ -10,7 +10,10 @@ without synthgate (diffusers >= 0.42, offline; a local custom pipeline is code, 
     images = pipe(class_labels=[0, 1], num_inference_steps=50, guidance_scale=1.0,
                   generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images   # PIL images
 
-Without `unet=` the pipeline samples from the raw last-step weights in `unet/`. Class label i is condition index i
+Without `unet=` the pipeline samples from the raw last-step weights in `unet/`. A latent generator's directory also
+holds `vae/` (an `AutoencoderKL`, listed in model_index.json and loaded with the pipeline): the UNet then denoises
+latents, which are decoded to pixels at the end, `x = vae.decode(z / scaling_factor + shift_factor)` with the
+VAE config's factors; the call and its outputs are the same for both kinds. Class label i is condition index i
 of the model card (`model_card.json`: `class_names`, or `conditions` for attribute-conditioned models); the UNet's
 last class embedding is the null condition used for guidance.
 
@@ -23,10 +26,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 
 
 def to_uint8_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -36,14 +39,49 @@ def to_uint8_tensor(x: torch.Tensor) -> torch.Tensor:
 
 class ConditionalDiffusionPipeline(DiffusionPipeline):
     """Class-conditional sampling with classifier-free guidance for a `UNet2DModel` with class embeddings
-    (`num_class_embeds` = conditions + 1; the last index is the null condition)."""
+    (`num_class_embeds` = conditions + 1; the last index is the null condition), in pixel space or, with a `vae`,
+    in its latent space."""
 
     unet: UNet2DModel
-    model_cpu_offload_seq = "unet"
+    vae: AutoencoderKL | None
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components: ClassVar[list[str]] = ["vae"]
 
-    def __init__(self, unet: UNet2DModel, scheduler: Any):
+    def __init__(self, unet: UNet2DModel, scheduler: Any, vae: AutoencoderKL | None = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        # An optional component: a pixel model's model_index.json lists it as [null, null].
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+
+    def _latent_factors(self) -> tuple[float, float]:
+        cfg = self.vae.config
+        return float(cfg.scaling_factor), float(getattr(cfg, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] N×C×H×W images → what the UNet denoises: the scaled latent posterior means for a latent model,
+        the images themselves for a pixel model."""
+        if self.vae is None:
+            return x
+        scale, shift = self._latent_factors()
+        mean = self.vae.encode(x.to(device=self.device, dtype=self.vae.dtype)).latent_dist.mean
+        return (mean - shift) * scale
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """What the UNet denoises → [-1, 1] images (identity for a pixel model)."""
+        if self.vae is None:
+            return z
+        scale, shift = self._latent_factors()
+        return self.vae.decode(z.to(self.vae.dtype) / scale + shift).sample
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images this pipeline returns."""
+        if self.vae is None:
+            cfg = self.unet.config
+            return int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        side = int(self.unet.config.sample_size) * factor
+        return int(self.vae.config.out_channels), side, side
 
     @property
     def null_condition(self) -> int:
@@ -79,7 +117,8 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None,
         eta: float,
     ) -> torch.Tensor:
-        """The sampling loop: N×C×H×W floats in [-1, 1] for a 1-D long tensor of condition indices.
+        """The sampling loop: N×C×H×W floats in [-1, 1] for a 1-D long tensor of condition indices (a latent
+        model's latents are decoded after the last step).
 
         Guidance w: `eps = eps_null + w·(eps_cond − eps_null)`; w = 1 skips the null pass, otherwise the conditional
         and null passes run as one batched UNet call. One generator per image makes each image depend only on its
@@ -108,6 +147,7 @@ class ConditionalDiffusionPipeline(DiffusionPipeline):
                 eps = self.unet(model_in, t, class_labels=labels).sample
             x = self.scheduler.step(eps, t, x, **step_kwargs).prev_sample
 
+        x = self.decode(x)
         self.maybe_free_model_hooks()
         return x.clamp(-1, 1)
 

@@ -14,15 +14,16 @@ from torch import nn
 from synth.train_config import TrainConfig
 
 
-def make_scheduler(config: TrainConfig):  # -> diffusers.DDPMScheduler
-    """The training noise schedule (epsilon prediction, x0 clipped to [-1, 1] when sampling)."""
+def make_scheduler(config: TrainConfig, *, latent: bool = False):  # -> diffusers.DDPMScheduler
+    """The training noise schedule (epsilon prediction; x0 clipped to [-1, 1] when sampling pixels, not latents,
+    whose unit-variance values lie well outside that range)."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
         prediction_type="epsilon",
-        clip_sample=True,
+        clip_sample=not latent,
     )
 
 

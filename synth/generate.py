@@ -325,8 +325,8 @@ def generate(
     batch = min(batch_size, plan.total)
 
     pipe = load_pipeline(model_dir, weights=weights, sampler=cfg, device=device)  # type: ignore[arg-type]
-    spec = pipe.unet.config
-    shape = (spec.sample_size, spec.sample_size) + ((spec.in_channels,) if spec.in_channels > 1 else ())
+    channels, height, width = pipe.image_shape  # pixels, also for a latent generator
+    shape = (height, width) + ((channels,) if channels > 1 else ())
     images = np.empty((len(mine), *shape), dtype=np.uint8)
     shard = f" shard {shard_index + 1}/{shard_count}" if shard_count > 1 else ""
     with Progress(f"generate {cfg.label}{shard}", total=len(mine), unit="image", bar=progress) as bar:

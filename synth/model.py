@@ -1,7 +1,9 @@
 """The class-conditional UNet: a typed config with presets named by intent.
 
-Presets: `tiny` (tests, seconds on a CPU), `small` (the CPU demo), `base` (a GPU). Each exists for 28×28 and 64×64
-and for any channel count. Conditioning uses diffusers' class embedding; index `num_conditions` is the null
+Presets: `tiny` (tests, seconds on a CPU), `small` (the CPU demo), `base` (a GPU). Each exists for three size
+classes, up to 32 px (28×28 images, or the 14-32 px latents of a latent generator), up to 64 px and up to 128 px,
+for any channel count; a size within a class uses that class's network (`preset`).
+Conditioning uses diffusers' class embedding; index `num_conditions` is the null
 condition used for classifier-free guidance, so the UNet has `num_conditions + 1` class embeddings.
 """
 
@@ -97,15 +99,39 @@ _PRESETS: dict[tuple[str, int], dict[str, Any]] = {
         "attention_head_dim": 32,
         "dropout": 0.1,
     },
+    # 128 px in pixel space: the GPU's `base` (a CPU trains a latent generator there: synth.generator_kind).
+    ("tiny", 128): {"block_out_channels": (16, 32, 32, 32), "attention_levels": (False, False, False, False)},
+    ("small", 128): {"block_out_channels": (32, 64, 64, 128, 128),
+                     "attention_levels": (False, False, False, False, True)},
+    ("quality", 128): {"block_out_channels": (32, 64, 64, 128, 128),
+                       "attention_levels": (False, False, False, False, True)},
+    ("base", 128): {
+        "block_out_channels": (64, 128, 128, 256, 256),
+        "layers_per_block": 2,
+        "attention_levels": (False, False, False, True, True),
+        "norm_num_groups": 32,
+        "attention_head_dim": 32,
+        "dropout": 0.1,
+    },
 }
 
 
+def size_class(sample_size: int) -> int:
+    """The preset table's size class for a square side: 28 (≤ 32), 64 (≤ 64) or 128 (≤ 128); 0 beyond."""
+    for bound, cls in ((32, 28), (64, 64), (128, 128)):
+        if sample_size <= bound:
+            return cls
+    return 0
+
+
 def preset(name: str, *, sample_size: int = 28, channels: int = 1, num_conditions: int = 2) -> ModelConfig:
-    """A named preset for a given image size, channel count and number of conditions."""
-    key = (name, sample_size)
+    """A named preset for a given image size (its size class's network), channel count and number of
+    conditions."""
+    key = (name, size_class(sample_size))
     if key not in _PRESETS:
         known = sorted({f"{n}@{s}" for n, s in _PRESETS})
-        raise ConfigError(f"no model preset {name!r} for {sample_size}×{sample_size}; known: {', '.join(known)}")
+        raise ConfigError(f"no model preset {name!r} for {sample_size}×{sample_size}; known (up to): "
+                          f"{', '.join(known)}")
     return ModelConfig(
         sample_size=sample_size, channels=channels, num_conditions=num_conditions, **_PRESETS[key]
     )

@@ -45,7 +45,14 @@ class ModelCard(HeaderModel):
     image: dict[str, Any] | None = None
     condition_counts: list[int] | dict[str, int] | None = None
     weights: dict[str, str] | None = None
+    # kind "pixel" or "latent" (with vae folder, latent shape, scaling); absent on cards from before latent models
+    generator: dict[str, Any] | None = None
     privacy: ModelPrivacyClaim | None = None
+
+    @property
+    def generator_kind(self) -> str:
+        """The generator kind: "pixel" or "latent" (cards without a `generator` entry are pixel models)."""
+        return str((self.generator or {}).get("kind", "pixel"))
 
     @property
     def trained_on(self) -> str | None:

@@ -4,6 +4,8 @@
     pipeline.py                                        the standalone pipeline (synth/diffusers_pipeline.py, copied)
                                                        so plain diffusers loads the directory (see that module)
     unet/config.json, unet/diffusion_pytorch_model.safetensors           the raw (last-step) weights
+    vae/config.json, vae/diffusion_pytorch_model.safetensors             latent generators only: the autoencoder
+                                                       (its config holds the latents' scaling and shift factors)
     scheduler/scheduler_config.json                    the DDPMScheduler it was trained with (samplers derive from it)
     unet_ema/config.json, unet_ema/diffusion_pytorch_model.safetensors   the EMA weights (the ones to sample from)
     privacy_ledger.json                                DP runs only: the privacy strategy's `ledger()`
@@ -132,22 +134,26 @@ def write_model_dir(
     privacy_ledger: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     init_from: Mapping[str, Any] | None = None,
+    vae: Any = None,
+    generator: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the model directory atomically to `out` and return `out`.
 
     `unet`/`ema_unet` are `UNet2DModel`s (saved from the CPU), `scheduler` the training `DDPMScheduler`,
     `train_config` the `TrainConfig.to_json()`. The card's body holds `conditions` (ConditionSpace JSON),
     `class_names`, `image` (height, width, channels), `condition_counts` (training images per condition index),
-    `weights` (which folder holds which weights), `privacy` (None or `privacy_summary(...)`), `diffusers` (how to
-    load it without synthgate: `diffusers_usage()`), `init_from` (None, or the model training started from:
-    `synth.init_from.load_init`'s record; its content hash is also an input of the header) and `extra` (seeds,
-    steps, epochs, time, device, losses ...).
+    `weights` (which folder holds which weights), `generator` (kind pixel, or latent with its `vae` folder,
+    latent shape and scaling; `vae` is then the `AutoencoderKL`), `privacy` (None or `privacy_summary(...)`),
+    `diffusers` (how to load it without synthgate: `diffusers_usage()`), `init_from` (None, or the model training
+    started from: `synth.init_from.load_init`'s record; its content hash is also an input of the header) and
+    `extra` (seeds, steps, epochs, time, device, losses ...).
     """
     from synth.pipeline import ConditionalDiffusionPipeline
 
     out = Path(out)
     with atomic_dir(out) as tmp:
-        ConditionalDiffusionPipeline(unet=unet.to("cpu"), scheduler=scheduler).save_pretrained(tmp)
+        parts = {"vae": vae.to("cpu")} if vae is not None else {}
+        ConditionalDiffusionPipeline(unet=unet.to("cpu"), scheduler=scheduler, **parts).save_pretrained(tmp)
         ema_unet.to("cpu").save_pretrained(tmp / EMA_DIR)
         # Before the card, so the card's `files` and content hash cover the code that samples from the weights.
         (tmp / PIPELINE_FILE).write_bytes(pipeline_source())
@@ -159,6 +165,7 @@ def write_model_dir(
             "image": {**{k: int(image[k]) for k in ("height", "width", "channels")}, "dtype": "uint8"},
             "condition_counts": [int(c) for c in condition_counts],
             "weights": {"ema": EMA_DIR, "raw": "unet", "default": "ema"},
+            "generator": dict(generator) if generator is not None else {"kind": "pixel"},
             "privacy": dict(privacy) if privacy is not None else None,
             "diffusers": diffusers_usage(),
             "init_from": dict(init_from) if init_from is not None else None,

@@ -4,8 +4,8 @@ generators and synthgate's samplers.
 diffusers' `DDPMPipeline` cannot take class labels, so the sampling loop lives in `synth.diffusers_pipeline`, a
 standalone file (torch + diffusers only) that every model directory carries as `pipeline.py` so plain diffusers can
 load it; the class here subclasses it. It is saved and loaded with the standard `save_pretrained` /
-`from_pretrained` (model_index.json, unet/, scheduler/); a model directory also holds `unet_ema/` and
-`model_card.json`, which `load_pipeline` reads to choose weights and sampler.
+`from_pretrained` (model_index.json, unet/, scheduler/, and vae/ for a latent generator); a model directory also
+holds `unet_ema/` and `model_card.json`, which `load_pipeline` reads to choose weights and sampler.
 
 Determinism: with one `torch.Generator` per image, an image's initial noise and every stochastic step's noise come
 from its own generator, and the UNet's per-sample output does not depend on the other samples in a batch of the
@@ -49,8 +49,8 @@ class ConditionalDiffusionPipeline(StandalonePipeline):
     class name the model directory's `model_index.json` records.
     """
 
-    def __init__(self, unet: UNet2DModel, scheduler: Any):
-        super().__init__(unet=unet, scheduler=scheduler)
+    def __init__(self, unet: UNet2DModel, scheduler: Any, vae: Any = None):
+        super().__init__(unet=unet, scheduler=scheduler, vae=vae)
         # The trained noise schedule: every sampler is built from it, whatever scheduler is active later.
         self.trained_scheduler_config: dict[str, Any] = dict(scheduler.config)
         self.sampler_config: SamplerConfig | None = None

@@ -133,7 +133,9 @@ class SamplerConfig(BaseModel):
             algorithm_type=self.name,
             solver_order=self.solver_order,
             solver_type=self.solver_type,
-            thresholding=self.thresholding,
+            # A model trained without x0 clipping (a latent generator: unit-variance latents, not [-1, 1] pixels)
+            # has no range to threshold to.
+            thresholding=self.thresholding and bool(base.get("clip_sample", True)),
             sample_max_value=self.sample_max_value,
             lower_order_final=self.lower_order_final,
             euler_at_final=self.euler_at_final,

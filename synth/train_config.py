@@ -7,6 +7,12 @@
            jobs on the cores, 1.2-1.5 s is the estimate for a quiet machine: benchmarks/bench_training.py)
     base   a GPU: a 16M-parameter UNet, 50k steps
 
+`kind` (auto | pixel | latent): above 32 px on a CPU a pixel-space UNet costs ~10 s a step (64 px, `small`), so
+`auto` trains a latent generator there (an autoencoder, then the UNet on its latents; `autoencoder` holds its
+preset-filled config) and a pixel one at 28 px, on a GPU with `base`, and with DP (synth.generator_kind).
+For a latent generator `max_minutes` is the whole budget: the autoencoder's time (capped by its own
+`autoencoder.max_minutes`: tiny 1, small 4, quality 15) counts against it.
+
 A config names its preset; any field not given takes that preset's value, so `TrainConfig(preset="tiny",
 max_steps=5)` is the tiny preset stopped after 5 steps, and a YAML file (`--config`) overrides only what it lists.
 The dump (`to_json`) holds every field, so a model card's config rebuilds the exact run.
@@ -30,10 +36,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from synth.autoencoder_config import AUTOENCODER_PRESETS, AutoencoderConfig
 from synth.config import build, load_yaml
 
 PresetName = Literal["tiny", "small", "quality", "base"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+# pixel: the UNet denoises pixels; latent: an autoencoder is trained first and the UNet denoises its latents;
+# auto: chosen from the image size, device and DP at training time (synth.generator_kind.resolve_kind).
+GeneratorKind = Literal["auto", "pixel", "latent"]
 
 _COMMON: dict[str, Any] = {
     "lr_final_ratio": 0.1,
@@ -53,6 +63,7 @@ _COMMON: dict[str, Any] = {
     "num_workers": 0,
     "epochs": None,
     "threads": None,
+    "kind": "auto",
 }
 
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -158,6 +169,9 @@ class TrainConfig(BaseModel):
     # The canonical dataset `init_from` was trained on: checked to be that model's data and to share no image
     # (pixel sha256) with the training data (synth.data.overlap); the check is recorded in the model card.
     init_from_dataset: str | None = None
+    # Generator kind and, for the latent kind, its autoencoder (filled from the preset; unused by pixel models).
+    kind: GeneratorKind
+    autoencoder: AutoencoderConfig
 
     @model_validator(mode="before")
     @classmethod
@@ -167,7 +181,13 @@ class TrainConfig(BaseModel):
         name = data.get("preset", "small")
         if name not in PRESET_DEFAULTS:
             raise ValueError(f"preset {name!r} is not one of {', '.join(PRESET_DEFAULTS)}")
-        return {**PRESET_DEFAULTS[name], **data, "preset": name}
+        # A partial `autoencoder:` mapping overrides the preset's autoencoder field by field.
+        autoencoder = data.get("autoencoder")
+        if isinstance(autoencoder, Mapping):
+            autoencoder = {**AUTOENCODER_PRESETS[name], **autoencoder}
+        elif autoencoder is None:
+            autoencoder = AUTOENCODER_PRESETS[name]
+        return {**PRESET_DEFAULTS[name], **data, "preset": name, "autoencoder": autoencoder}
 
     @field_validator("device")
     @classmethod

@@ -28,7 +28,7 @@ MAX_CONDITIONS = 512
 class TrainingData:
     """The train split as tensors, plus what the model card needs to describe it."""
 
-    images: torch.Tensor  # uint8 N×C×H×W
+    images: torch.Tensor  # uint8 N×C×H×W pixels, or float32 scaled latents (synth.latent_training)
     conditions: torch.Tensor  # int64 N
     space: ConditionSpace
     dataset_hash: str
@@ -42,7 +42,8 @@ class TrainingData:
 
 
 class ImageConditionDataset(torch.utils.data.Dataset):
-    """(image float C×H×W in [-1, 1], condition index int64) pairs from uint8 images (kept uint8 in memory)."""
+    """(image float C×H×W in [-1, 1], condition index int64) pairs from uint8 images (kept uint8 in memory), or
+    from float latents (returned as they are)."""
 
     def __init__(self, images: torch.Tensor, conditions: torch.Tensor):
         self.images = images
@@ -52,7 +53,10 @@ class ImageConditionDataset(torch.utils.data.Dataset):
         return int(self.images.shape[0])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index].float().div_(127.5).sub_(1.0), self.conditions[index]
+        x = self.images[index]
+        if x.dtype.is_floating_point:
+            return x, self.conditions[index]
+        return x.float().div_(127.5).sub_(1.0), self.conditions[index]
 
 
 def auto_attributes(meta: pd.DataFrame, candidates: list[str]) -> tuple[str, ...]:

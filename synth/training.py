@@ -17,6 +17,10 @@ is scaled so that DDP's gradient average is the global batch mean; with DP the s
 DP-SGD (`PrivacyStrategy.attach`). Rank 0 alone updates the EMA and writes checkpoints and the model directory;
 the per-step loss, the signal-triggered stop and the clock are agreed over all ranks after every optimizer step.
 
+A latent generator (`config.kind`, resolved by `synth.generator_kind`) first trains its autoencoder and encodes
+the train split (`synth.latent_training`); the same loop then trains the UNet on the latents, and the model
+directory gets the autoencoder as `vae/`.
+
 The trainer is split along its seams; this module sets a run up (`_setup`), drives it (`synth.train_loop`) and
 writes the model directory (`_finish`), and re-exports the public names of its parts:
     synth.train_data        the train split as tensors, the DataLoader      synth.diffusion_loss  loss, LR, seeds
@@ -40,10 +44,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from synth.autoencoder import stderr_say
 from synth.checkpoint import default_checkpoint_dir, has_checkpoint
 from synth.device import describe_device, resolve_device
 from synth.diffusion_loss import derive_seeds, learning_rate, make_scheduler, per_row_loss
 from synth.errors import ConfigError, InputError, where
+from synth.generator_kind import check_kind_with_dp, resolve_kind
+from synth.latent_training import generator_entry, prepare_latent
 from synth.model import build_unet
 from synth.model_dir import privacy_summary, write_model_dir
 from synth.privacy_strategy import PrivacyStrategy
@@ -60,7 +67,7 @@ from synth.train_data import (
 )
 from synth.train_loop import EPSILON_EVERY_S, run_loop
 from synth.train_run import Run, resume_from_checkpoint, save_checkpoint_of
-from synth.train_state import planned_steps
+from synth.train_state import RunState, planned_steps
 from synth.train_world import World, barrier, current_world, rank_seed
 
 __all__ = [
@@ -175,6 +182,7 @@ def _check_request(
         raise InputError(
             where(ckpt_dir, "holds a checkpoint of an interrupted run; pass --resume to continue it, or remove it")
         )
+    check_kind_with_dp(config.kind, private=privacy is not None)
     if privacy is None:
         return
     if privacy.noise_multiplicity != config.noise_multiplicity:
@@ -213,10 +221,20 @@ def _setup(
             where("train config", f"batch_size {config.batch_size} is smaller than the {world.size} processes; "
                                   "each process needs examples of its own")
         )
-    model_cfg = model_config_for(data, config.preset, where_=dataset_dir)
     device = resolve_device(config.device)
     if world.distributed and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # the launcher picked this rank's GPU
+    kind = resolve_kind(config.kind, sample_size=data.image["height"], device=device, preset=config.preset,
+                        private=privacy is not None)
+    latent = None
+    if kind == "latent":
+        if world.distributed:
+            raise ConfigError(where("train config", "train.kind 'latent' runs in one process; set launch.nproc 1 "
+                                                    "or train.kind 'pixel'"))
+        data, model_cfg, latent = prepare_latent(data, config, device=device, ckpt_dir=ckpt_dir,
+                                                 where_=dataset_dir, say=stderr_say)
+    else:
+        model_cfg = model_config_for(data, config.preset, where_=dataset_dir)
     seeds = derive_seeds(config.seed)
 
     # Global RNGs: dropout (base preset) and Opacus' noise draw from torch's; seed them all for a fresh run.
@@ -242,7 +260,7 @@ def _setup(
         unet.parameters(), decay=config.ema_decay, use_ema_warmup=config.ema_warmup, power=config.ema_power,
         model_cls=UNet2DModel, model_config=unet.config,
     )
-    scheduler = make_scheduler(config)
+    scheduler = make_scheduler(config, latent=latent is not None)
     loader_gen = torch.Generator().manual_seed(seeds["data_order"])
     noise_gen = torch.Generator(device=device).manual_seed(seeds["noise"])
     loader: Any = make_loader(data, config, loader_gen)
@@ -266,7 +284,9 @@ def _setup(
         dataset_dir=dataset_dir, out=out, config=config, data=data, model_cfg=model_cfg, device=device, world=world,
         seeds=seeds, unet=unet, model=model, raw=raw, optimizer=optimizer, ema=ema, scheduler=scheduler,
         loader=loader, loader_gen=loader_gen, noise_gen=noise_gen, privacy=privacy, ckpt_dir=ckpt_dir,
-        planned=planned, batches_per_epoch=batches_per_epoch, init_from=init_from,
+        planned=planned, batches_per_epoch=batches_per_epoch, latent=latent, init_from=init_from,
+        # A preset's max_minutes is the whole training budget: the autoencoder's minutes count against it.
+        state=RunState(elapsed_s=float(latent.record.get("seconds", 0.0))) if latent is not None else RunState(),
     )
 
 
@@ -318,6 +338,8 @@ def _finish(run: Run, stop_reason: str) -> None:
         privacy=summary,
         privacy_ledger=ledger,
         init_from=run.init_from,
+        vae=run.latent.vae if run.latent is not None else None,
+        generator=generator_entry(run.latent),
         extra={
             "seeds": run.seeds,
             "steps": state.step,

@@ -101,7 +101,7 @@ def _synthetic(out: Path, real_dir: Path, model_dir: Path, model_hash: str) -> P
 
 def _membership() -> dict[str, Any]:
     """A `membership` entry in the schema of `privacy.membership.membership_summary`, from drawn scores."""
-    from privacy.membership import downsample_roc, roc_auc, roc_curve, tpr_at_fpr
+    from privacy.roc import downsample_roc, roc_auc, roc_curve, tpr_at_fpr
 
     rng = np.random.default_rng(1)
     attacks = {}
@@ -124,7 +124,8 @@ def _membership() -> dict[str, Any]:
 
 
 def _privacy(out: Path, real: Path, synthetic: Path, model: Path) -> Path:
-    from privacy.audit import HEADER, PrivacyAuditConfig, audit_privacy
+    from privacy.audit import HEADER, audit_privacy
+    from privacy.audit_config import PrivacyAuditConfig
     from privacy.embeddings import AugmentConfig, EncoderConfig
     from synth.artifacts import content_hash
 

@@ -15,10 +15,10 @@ import torch
 from flows.cli import run
 from privacy.ledger import build_ledger
 from privacy.ledger_check import LEDGER_FILE, check_ledger
-from privacy.planted import apply_transform
 from synth.artifacts import atomic_dir, read_header, verify_content, write_header
 from synth.data.canonical import load_dataset, write_dataset
 from synth.errors import InputError
+from tests.planted import apply_transform
 from tests.privacy_fixtures import write_synthetic
 
 STEPS = ["--encoder-steps", "10"]

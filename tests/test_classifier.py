@@ -49,13 +49,14 @@ def test_shapes_for_sizes_and_channels(size: int, channels: int) -> None:
     assert clf.image_shape == (size, size, channels)
 
 
-def test_64px_costs_about_as_much_as_28px() -> None:
-    """The stride-2 stem keeps 64×64 inputs near the 28×28 cost (same stage resolutions up to rounding)."""
+def test_64px_and_128px_cost_about_as_much_as_28px() -> None:
+    """The stride-2 (64 px) and stride-4 (128 px) stems keep inputs near the 28×28 cost (same stage resolutions
+    up to rounding)."""
     def stage_input(size: int) -> tuple[int, ...]:
         net = SmallResNet(1, 2, image_size=size)
         return tuple(net.stem(torch.zeros(1, 1, size, size)).shape[2:])
 
-    assert stage_input(28) == (28, 28) and stage_input(64) == (32, 32)
+    assert stage_input(28) == (28, 28) and stage_input(64) == (32, 32) and stage_input(128) == (32, 32)
 
 
 def test_learns_pneumonia_and_is_deterministic(pneumonia: dict[str, np.ndarray]) -> None:

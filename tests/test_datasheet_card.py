@@ -213,6 +213,18 @@ def test_datasheet_reads_the_chain():
     assert "| 0 | normal | 4 | 2345 | 258 | 310 |" in text
 
 
+def test_datasheet_states_the_canary_audit_of_a_dp_release():
+    facts = demo_facts()
+    assert "canary audit" not in render_datasheet(facts)  # not run: not claimed
+    audited = facts.privacy.model_copy(update={"empirical_audit": {
+        "verdict": "consistent", "epsilon_lower_bound": 0.21, "claimed_epsilon": 1.0, "epsilon_ceiling": 4.62,
+        "canaries": 1000}})
+    text = render_datasheet(demo_facts(privacy=audited))
+    assert ("| empirical check (canary audit) | consistent: a separate DP run of the same code at ε = 1.00 with "
+            "1000 canaries shows ε ≥ 0.21") in text
+    assert "can show up to ε ≈ 4.6" in text
+
+
 def test_datasheet_says_when_approval_was_automatic():
     auto = render_datasheet(demo_facts())
     assert "auto-approved (scripted run), no human review" in auto

@@ -11,17 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from privacy.membership import (
-    MembershipConfig,
-    bootstrap_metrics,
-    downsample_roc,
-    membership_audit,
-    membership_summary,
-    roc_auc,
-    roc_curve,
-    select_sets,
-    tpr_at_fpr,
-)
+from privacy.membership import membership_audit, membership_summary
+from privacy.membership_config import MembershipConfig
+from privacy.membership_sets import select_sets
+from privacy.roc import bootstrap_metrics, downsample_roc, roc_auc, roc_curve, tpr_at_fpr
 from synth.conditioning import ConditionSpace
 from synth.data.canonical import load_dataset, write_dataset
 from synth.errors import ConfigError, InputError

@@ -10,28 +10,25 @@ import numpy as np
 import pytest
 import torch
 
+from privacy.calibration import allowed_flags, calibrate, threshold_at
 from privacy.embeddings import embed
-from privacy.memorization import (
-    ImageSet,
-    MemorizationConfig,
-    RegistrationConfig,
+from privacy.filtering import filter_flagged
+from privacy.image_set import ImageSet
+from privacy.memorization import check_memorization
+from privacy.memorization_config import MemorizationConfig
+from privacy.registration import RegistrationConfig, registered_distances
+from privacy.search import (
     SearchConfig,
-    allowed_flags,
     brute_force_nearest,
     build_index,
-    calibrate,
-    check_memorization,
     exact_nearest,
-    filter_flagged,
-    registered_distances,
     search_views,
-    space_distances,
-    threshold_at,
     to_distance,
 )
-from privacy.planted import apply_transform
+from privacy.space_search import space_distances
 from synth.data.canonical import load_dataset, pixel_sha256
 from synth.errors import InputError
+from tests.planted import apply_transform
 from tests.privacy_fixtures import write_synthetic
 
 FAST = MemorizationConfig(spaces=("pixel", "registered"))
@@ -298,8 +295,6 @@ def test_bad_inputs_are_refused(real):
 
 
 def test_index_is_chosen_by_training_set_size_and_recorded():
-    from privacy.memorization import SearchConfig, build_index
-
     rng = np.random.default_rng(0)
     base = rng.normal(size=(2000, 16)).astype(np.float32)
     base /= np.linalg.norm(base, axis=1, keepdims=True)

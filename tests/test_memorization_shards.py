@@ -13,31 +13,20 @@ import pandas as pd
 import pytest
 import torch
 
-from privacy.audit import (
-    NULL_TABLE,
-    PLOTS,
-    TABLE,
-    PrivacyAuditConfig,
-    audit_privacy,
-    prepare_privacy_reference,
-    privacy_audit_shard_count,
-    read_privacy_audit,
-    search_synthetic_shard,
-)
-from privacy.memorization import (
-    ImageSet,
-    MemorizationConfig,
-    SearchConfig,
-    merge_shards,
-    prepare_reference,
-    search_shard,
-    shard_rows,
-)
+from privacy.audit import NULL_TABLE, PLOTS, TABLE, audit_privacy, read_privacy_audit
+from privacy.audit_config import PrivacyAuditConfig
+from privacy.audit_sharding import prepare_privacy_reference, privacy_audit_shard_count, search_synthetic_shard
+from privacy.image_set import ImageSet
+from privacy.memorization import merge_shards
 from privacy.memorization_artifacts import read_shard, write_shard_files
-from privacy.planted import apply_transform
+from privacy.memorization_config import MemorizationConfig
+from privacy.memorization_reference import prepare_reference
+from privacy.memorization_shards import search_shard, shard_rows
+from privacy.search import SearchConfig
 from synth.artifacts import read_header
 from synth.data.canonical import load_dataset
 from synth.errors import ConfigError, InputError
+from tests.planted import apply_transform
 from tests.privacy_fixtures import TINY_ENCODER, write_synthetic
 
 # 200 synthetic rows in blocks of 64: four blocks, the last one padded (8 → 64 rows). On this scale BLAS already

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from privacy.embeddings import EncoderConfig, train_encoder
-from privacy.memorization import MemorizationConfig, RegistrationConfig
-from privacy.planted import TRANSFORMS, apply_transform, run_planted, shift
+from privacy.memorization_config import MemorizationConfig
+from privacy.registration import RegistrationConfig
 from synth.data.canonical import load_dataset
 from synth.errors import ConfigError, InputError
 from tests.conftest import make_slice
+from tests.planted import TRANSFORMS, apply_transform, run_planted, shift
 
 
 @pytest.fixture(autouse=True)

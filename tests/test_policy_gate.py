@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.policy import GateInputs, Policy, gate
+from flows.policy import DPAuditOutcome, GateInputs, Policy, gate
 from synth.errors import ConfigError, InputError
 
 GOOD = GateInputs(dp=True, epsilon=8.0, delta=1e-5, ledger_check_passed=True, flagged_fraction=0.0,
@@ -10,7 +10,9 @@ GOOD = GateInputs(dp=True, epsilon=8.0, delta=1e-5, ledger_check_passed=True, fl
                   membership_auc=0.51, membership_tpr_at_1pct_fpr=0.011, tstr_trtr_ratio=0.97, trts_accuracy=0.9,
                   tstr_trtr_balanced_accuracy_ratio=0.96, tstr_trtr_worst_class_ratio=0.9,
                   trts_balanced_accuracy=0.92,
-                  per_class_counts={"normal": 100, "pneumonia": 200}, disclosure_violations=0)
+                  per_class_counts={"normal": 100, "pneumonia": 200}, disclosure_violations=0,
+                  dp_audit=DPAuditOutcome(epsilon_lower_bound=0.3, claimed_epsilon=1.0, epsilon_ceiling=4.6,
+                                          canaries=1000))
 STRICT = Policy(require_dp=True, max_epsilon=10, max_delta=1e-4, max_flagged_fraction=0.0, max_membership_auc=0.6,
                 max_membership_tpr_at_1pct_fpr=0.05, min_tstr_trtr_ratio=0.9, min_trts_accuracy=0.85,
                 min_per_class_count=50)
@@ -86,3 +88,17 @@ def test_policy_yaml(tmp_path):
     path.write_text("- a list\n")
     with pytest.raises(InputError, match="mapping"):
         Policy.from_yaml(path)
+
+
+def test_a_dp_release_needs_a_canary_audit_within_its_claim():
+    assert next(c for c in gate(GOOD, Policy()).checks if c.rule == "dp_audit").passed
+    broken = GOOD.model_copy(update={"dp_audit": DPAuditOutcome(epsilon_lower_bound=3.9, claimed_epsilon=1.0,
+                                                                epsilon_ceiling=4.6, canaries=1000)})
+    verdict = gate(broken, Policy())
+    assert [c.rule for c in verdict.checks if not c.passed] == ["dp_audit"]
+    assert "empirical ε ≥ 3.9 EXCEEDS the audit run's claimed ε 1" in verdict.reasons[0]
+    skipped = GOOD.model_copy(update={"dp_audit": None})
+    assert "was not run" in gate(skipped, Policy()).reasons[0]
+    assert gate(skipped, Policy(require_dp_audit=False)).passed
+    # Not a DP release: nothing to audit.
+    assert "dp_audit" not in {c.rule for c in gate(GOOD.model_copy(update={"dp": False}), Policy()).checks}

@@ -275,7 +275,8 @@ def test_planted_training_copies_block_the_release(released, tmp_path):
     """A synthetic set that holds copies of training images is blocked, even though filtering would drop them."""
     from flows.policy import Policy, gate
     from flows.stages import gate_inputs
-    from privacy.audit import PrivacyAuditConfig, audit_privacy
+    from privacy.audit import audit_privacy
+    from privacy.audit_config import PrivacyAuditConfig
     from synth.data.canonical import write_dataset
 
     tmp, cfg, _ = released
@@ -320,12 +321,16 @@ def test_dp_release_carries_a_checked_epsilon(released):
     assert result.status == "published"
     verdict = json.loads((tmp / "work-dp" / "verdict.json").read_text())
     passed = {c["rule"] for c in verdict["checks"] if c["passed"]}
-    assert {"require_dp", "max_epsilon", "max_delta", "ledger_check"} <= passed
+    assert {"require_dp", "max_epsilon", "max_delta", "ledger_check", "dp_audit"} <= passed
+    # The canary audit of the DP implementation ran beside training (its own DP run at ε = 1) and is stated.
+    dp_audit = json.loads((tmp / "work-dp" / "dp-audit" / "dp_audit.json").read_text())
+    assert dp_audit["verdict"] == "consistent" and dp_audit["claimed_epsilon"] == pytest.approx(1.0, abs=0.05)
     predicate = verify_bundle(result.bundle, load_public_key(tmp / "keys" / "release.pub")).predicate
     eps = predicate["privacy"]["epsilon"]
     assert 0 < eps <= 8.0 and predicate["privacy"]["delta"] < 1 / 96
     datasheet = (result.bundle / "datasheet.md").read_text()
     assert "differential privacy ledger" in datasheet and f"| ε spent | {eps:.3f}" in datasheet
+    assert "| empirical check (canary audit) | consistent: a separate DP run of the same code at ε = 1.00" in datasheet
     audit = json.loads((tmp / "work-dp" / "audit-privacy" / "privacy.json").read_text())
     assert audit["ledger_check"]["passed"] is True
 
@@ -363,6 +368,28 @@ def test_dp_release_with_public_pretraining_documents_what_the_guarantee_covers(
         assert "covers the private training images only" in text and public_card["content_hash"][:16] in text
         assert "Cohen et al. COVID-19 image data (2020)" in text
 
+
+def test_latent_release_publishes_decoded_pixels(released):
+    """The latent generator through the whole flow: autoencoder + latent UNet, audited and released as 28×28
+    pixels; the model directory keeps both parts and the documents name the kind."""
+    from flows.release import release
+
+    tmp, cfg, _ = released
+    train = cfg.train.model_copy(update={"kind": "latent", "autoencoder": cfg.train.autoencoder.model_copy(
+        update={"max_steps": 12})})
+    latent_cfg = cfg.model_copy(update={"workdir": tmp / "work-latent", "releases_dir": tmp / "releases-latent",
+                                        "title": "Latent slice", "train": train})
+    result = release(config=latent_cfg)
+    assert result.status == "published"
+    verify_bundle(result.bundle, load_public_key(tmp / "keys" / "release.pub"))
+    model = tmp / "work-latent" / "model"
+    card = json.loads((model / "model_card.json").read_text())
+    assert card["generator"]["kind"] == "latent" and (model / "vae" / "config.json").is_file()
+    synthetic = load_dataset(tmp / "work-latent" / "synthetic")
+    assert synthetic.images.shape[1:] == (28, 28) and synthetic.images.dtype == np.uint8
+    assert "latent diffusion" in (result.bundle / "datasheet.md").read_text()
+
+
 def _same_bytes(a, b, names):
     return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
@@ -378,7 +405,8 @@ def test_release_on_a_dask_local_cluster_equals_the_single_shard_run(released, t
     from flows.release_config import RunnerSettings
     from flows.runners import task_threads
     from flows.stages import generate_stage, guidance_stage
-    from privacy.audit import PrivacyAuditConfig, audit_privacy
+    from privacy.audit import audit_privacy
+    from privacy.audit_config import PrivacyAuditConfig
     from reports.utility import UtilityConfig, audit_utility
 
     tmp, cfg, _ = released

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from privacy.memorization import ImageSet, MemorizationConfig, check_memorization
+from privacy.image_set import ImageSet
+from privacy.memorization import check_memorization
+from privacy.memorization_config import MemorizationConfig
 from privacy.search import (
     SearchConfig,
     base_ranges,

@@ -1,5 +1,9 @@
 """Planted-copy harness: does the memorization check find copies of training images, and leave other images alone?
 
+A test and benchmark harness, not part of the product: tests/test_planted.py runs it on a slice, and
+benchmarks/bench_memorization.py on the full data (the table in benchmarks/README.md). The edits (`apply_transform`)
+also plant copies in other memorization tests.
+
 Real TRAINING images are edited the way a copier (or a memorising generator) would and planted into a synthetic
 set; recall per edit is the share of planted copies the check flags. The false-flag rate is the share of *clean*
 images flagged. Without a trained generator the clean set is real images that are not training images: the
@@ -36,7 +40,9 @@ import numpy as np
 import pandas as pd
 
 from privacy.embeddings import EmbeddingSpace
-from privacy.memorization import SPACES, ImageSet, MemorizationConfig, check_memorization
+from privacy.image_set import ImageSet
+from privacy.memorization import check_memorization
+from privacy.memorization_config import SPACES, MemorizationConfig
 from synth.data.canonical import load_dataset, pixel_sha256
 from synth.errors import ConfigError, InputError, where
 
@@ -253,75 +259,140 @@ def run_planted(
             raise ConfigError(f"planted transform {name!r} is not one of {sorted(TRANSFORMS)}")
     if folds is not None and not folds:
         raise ConfigError("planted-copy harness: give at least one (calibration split, clean split) fold")
+    needed = [train_split, *(holdout_splits if folds is None else [s for fold in folds for s in fold])]
+    splits = _load_splits(real_dir, needed)
+    train = ImageSet.from_frame(*splits[train_split], name="train")
+    rng = np.random.default_rng(seed)
+    if folds is None:
+        folds = _pooled_halves(splits, holdout_splits, rng)
+    planted = _plant(train, names, per_transform, rng)
+    judged = _judge_folds(train, splits, folds, planted, encoder=encoder, config=config)
+    clean = pd.concat(judged.clean_parts, ignore_index=True)
+    setup = {
+        "train_split": train_split, "train_images": len(train), "folds": judged.fold_info,
+        "holdout_splits": list(holdout_splits) if judged.fold_info[0]["calibration_split"] == "holdout-A" else None,
+        "per_transform": planted.n, "seed": seed, "spaces": judged.spaces,
+        "quantile": config.quantile, "calibration": config.calibration,
+        "recall_target": recall_target, "false_flag_target": false_flag_target,
+        "false_flags": int(clean["flagged"].sum()),
+        "check_seconds": round(judged.seconds, 2),
+    }
+    return PlantedResult(
+        rows=_recall_rows(names, train, planted, judged),
+        false_flag_rate=float(clean["flagged"].mean()),
+        false_flags_per_space={s: float(clean[f"{s}_flagged"].mean()) for s in judged.spaces},
+        clean_images=len(clean),
+        setup=setup,
+        summary=judged.summary,
+    )
+
+
+def _load_splits(real_dir: Path, needed: Sequence[str]) -> dict[str, tuple[np.ndarray, pd.DataFrame]]:
+    """Images and metadata of each needed split of the real dataset (each must hold images)."""
     ds = load_dataset(real_dir)
     splits: dict[str, tuple[np.ndarray, Any]] = {}
-    needed = [train_split, *(holdout_splits if folds is None else [s for fold in folds for s in fold])]
     for split in dict.fromkeys(needed):
         images, meta = ds.split(split)
         if not len(images):
             raise InputError(where(real_dir, f"has no {split!r} images for the planted-copy harness"))
         splits[split] = (images, meta)
-    train = ImageSet.from_frame(*splits[train_split], name="train")
-    rng = np.random.default_rng(seed)
-    if folds is None:  # pool the holdout splits and cut them at random into two exchangeable halves
-        pooled_images = np.concatenate([splits[s][0] for s in holdout_splits])
-        pooled_meta = pd.concat([splits[s][1] for s in holdout_splits], ignore_index=True)
-        order = rng.permutation(len(pooled_images))
-        halves = (np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :]))
-        for name, rows in zip(("holdout-A", "holdout-B"), halves, strict=True):
-            splits[name] = (pooled_images[rows], pooled_meta.iloc[rows].reset_index(drop=True))
-        folds = [("holdout-A", "holdout-B"), ("holdout-B", "holdout-A")]
+    return splits
 
-    planted_images, planted_ids, planted_src, planted_tf = [], [], [], []
+
+def _pooled_halves(splits: dict[str, tuple[np.ndarray, pd.DataFrame]], holdout_splits: Sequence[str],
+                   rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Pool the holdout splits and cut them at random into two exchangeable halves, added to `splits` as
+    "holdout-A" and "holdout-B"; returns the two cross-fitting folds (A judges B, B judges A)."""
+    pooled_images = np.concatenate([splits[s][0] for s in holdout_splits])
+    pooled_meta = pd.concat([splits[s][1] for s in holdout_splits], ignore_index=True)
+    order = rng.permutation(len(pooled_images))
+    halves = (np.sort(order[: len(order) // 2]), np.sort(order[len(order) // 2 :]))
+    for name, rows in zip(("holdout-A", "holdout-B"), halves, strict=True):
+        splits[name] = (pooled_images[rows], pooled_meta.iloc[rows].reset_index(drop=True))
+    return [("holdout-A", "holdout-B"), ("holdout-B", "holdout-A")]
+
+
+@dataclass(frozen=True)
+class _Planted:
+    """The planted copies: `n` per edit, edit by edit, with their ids, edits and their sources' pixel hashes."""
+
+    images: np.ndarray
+    ids: list[str]
+    transforms: np.ndarray
+    source_sha: np.ndarray
+    n: int
+
+
+def _plant(train: ImageSet, names: Sequence[str], per_transform: int, rng: np.random.Generator) -> _Planted:
+    """Edited copies of `per_transform` random training images per edit (fewer when the training set is smaller)."""
+    images, ids, sources, transforms = [], [], [], []
     n = min(per_transform, len(train))
     for name in names:
         src = rng.choice(len(train), n, replace=False)
-        planted_images.append(apply_transform(train.images[src], name, rng))
-        planted_ids += [f"planted-{name}-{i:05d}" for i in range(n)]
-        planted_src.append(src)
-        planted_tf += [name] * n
-    p_images = np.concatenate(planted_images)
-    src_sha = train.sha256[np.concatenate(planted_src)]
-    planted_tf_arr = np.asarray(planted_tf)
-    sha_by_id = dict(zip(train.ids, train.sha256, strict=True))
+        images.append(apply_transform(train.images[src], name, rng))
+        ids += [f"planted-{name}-{i:05d}" for i in range(n)]
+        sources.append(src)
+        transforms += [name] * n
+    return _Planted(images=np.concatenate(images), ids=ids, transforms=np.asarray(transforms),
+                    source_sha=train.sha256[np.concatenate(sources)], n=n)
 
-    planted_parts, clean_parts, fold_info, seconds = [], [], [], 0.0
-    spaces: list[str] = []
-    summary: dict[str, Any] = {}
+
+@dataclass
+class _Judged:
+    """Per fold: the check's table rows of the planted copies and of the clean images, and what the fold was."""
+
+    planted_parts: list[pd.DataFrame] = field(default_factory=list)
+    clean_parts: list[pd.DataFrame] = field(default_factory=list)
+    fold_info: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    spaces: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _judge_folds(train: ImageSet, splits: dict[str, tuple[np.ndarray, pd.DataFrame]],
+                 folds: Sequence[tuple[str, str]], planted: _Planted, *, encoder: EmbeddingSpace | None,
+                 config: MemorizationConfig) -> _Judged:
+    """Run the check once per fold: thresholds calibrated on the fold's calibration split judge its clean split
+    (minus images pixel-identical to a training image) with the planted copies among them."""
+    out = _Judged()
     for calibration_split, clean_split in folds:
         holdout = ImageSet.from_frame(*splits[calibration_split], name=calibration_split)
         clean_images, clean_meta = splits[clean_split]
         leaked = clean_meta["sha256"].isin(set(train.sha256)).to_numpy()  # a training image is not "clean"
         clean_images, clean_meta = clean_images[~leaked], clean_meta[~leaked].reset_index(drop=True)
-        synth_images = np.concatenate([clean_images, p_images])
+        synth_images = np.concatenate([clean_images, planted.images])
         ids = np.concatenate([clean_meta["image_id"].astype(str).to_numpy(),
-                              np.asarray(planted_ids, dtype=object)])
+                              np.asarray(planted.ids, dtype=object)])
         synthetic = ImageSet(images=synth_images, ids=ids, sha256=np.asarray(pixel_sha256(synth_images)),
                              name="synthetic")
         t0 = time.perf_counter()
         result = check_memorization(train, holdout, synthetic, encoder=encoder, config=config)
-        seconds += time.perf_counter() - t0
-        spaces = [s for s in SPACES if s in result.summary["spaces"]]
+        out.seconds += time.perf_counter() - t0
+        out.spaces = [s for s in SPACES if s in result.summary["spaces"]]
         n_clean = len(clean_images)
-        clean_parts.append(result.table.iloc[:n_clean])
-        planted_parts.append(result.table.iloc[n_clean:].reset_index(drop=True))
-        summary[f"{calibration_split}->{clean_split}"] = result.summary
-        fold_info.append({"calibration_split": calibration_split, "calibration_images": len(holdout),
-                          "clean_split": clean_split, "clean_images": n_clean,
-                          "clean_dropped_as_training_copies": int(leaked.sum()),
-                          "thresholds": result.summary["thresholds"],
-                          "expected_false_flag_rate": result.summary["null"]["expected_false_flag_rate"],
-                          "false_flag_rate": float(result.table.iloc[:n_clean]["flagged"].mean())})
-    clean = pd.concat(clean_parts, ignore_index=True)
+        out.clean_parts.append(result.table.iloc[:n_clean])
+        out.planted_parts.append(result.table.iloc[n_clean:].reset_index(drop=True))
+        out.summary[f"{calibration_split}->{clean_split}"] = result.summary
+        out.fold_info.append({"calibration_split": calibration_split, "calibration_images": len(holdout),
+                              "clean_split": clean_split, "clean_images": n_clean,
+                              "clean_dropped_as_training_copies": int(leaked.sum()),
+                              "thresholds": result.summary["thresholds"],
+                              "expected_false_flag_rate": result.summary["null"]["expected_false_flag_rate"],
+                              "false_flag_rate": float(result.table.iloc[:n_clean]["flagged"].mean())})
+    return out
 
+
+def _recall_rows(names: Sequence[str], train: ImageSet, planted: _Planted, judged: _Judged) -> list[dict[str, Any]]:
+    """Per edit: the share of its planted copies flagged (over all folds), per space, and with the source found."""
+    sha_by_id = dict(zip(train.ids, train.sha256, strict=True))
     rows = []
     for name in names:
-        sel = planted_tf_arr == name
-        parts = [p[sel] for p in planted_parts]
+        sel = planted.transforms == name
+        parts = [p[sel] for p in judged.planted_parts]
         part = pd.concat(parts, ignore_index=True)
         found = np.zeros(len(part), dtype=bool)
-        sources = np.concatenate([src_sha[sel]] * len(parts))
-        for s in spaces:  # flagged, with the source (or a pixel-identical copy of it) as the neighbour
+        sources = np.concatenate([planted.source_sha[sel]] * len(parts))
+        for s in judged.spaces:  # flagged, with the source (or a pixel-identical copy of it) as the neighbour
             nn_sha = np.array([sha_by_id.get(i) for i in part[f"{s}_neighbour_id"]], dtype=object)
             found |= (nn_sha == sources) & part[f"{s}_flagged"].to_numpy()
         found |= part["exact_copy"].to_numpy()
@@ -331,23 +402,7 @@ def run_planted(
             "target": TRANSFORMS[name].target,
             "n": int(sel.sum()),
             "recall": float(part["flagged"].mean()),
-            "recall_per_space": {s: float(part[f"{s}_flagged"].mean()) for s in spaces},
+            "recall_per_space": {s: float(part[f"{s}_flagged"].mean()) for s in judged.spaces},
             "source_found": float(found.mean()),
         })
-    setup = {
-        "train_split": train_split, "train_images": len(train), "folds": fold_info,
-        "holdout_splits": list(holdout_splits) if fold_info[0]["calibration_split"] == "holdout-A" else None,
-        "per_transform": n, "seed": seed, "spaces": spaces,
-        "quantile": config.quantile, "calibration": config.calibration,
-        "recall_target": recall_target, "false_flag_target": false_flag_target,
-        "false_flags": int(clean["flagged"].sum()),
-        "check_seconds": round(seconds, 2),
-    }
-    return PlantedResult(
-        rows=rows,
-        false_flag_rate=float(clean["flagged"].mean()),
-        false_flags_per_space={s: float(clean[f"{s}_flagged"].mean()) for s in spaces},
-        clean_images=len(clean),
-        setup=setup,
-        summary=summary,
-    )
+    return rows

@@ -1,0 +1,135 @@
+"""The autoencoder of a latent generator: a small diffusers `AutoencoderKL` trained on site on the train split.
+
+Latent diffusion (Rombach et al. 2022; MAISI for medical images) trains the denoiser on an autoencoder's latents
+instead of pixels: at 64-128 px a factor-4 or factor-8 downsampling makes every UNet step several times cheaper
+on a CPU. No pretrained weights are used (none reach this machine, and a public VAE would carry no guarantee for
+medical images), so the autoencoder is trained here, non-privately, on the same train split as the UNet.
+
+Objective: pixel MSE plus a small KL term (weight `kl_weight`, as in Stable Diffusion's 1e-6 regime: the latent
+stays close to deterministic; its scale is fixed afterwards). No perceptual or adversarial loss: LPIPS needs
+downloaded weights, and a GAN loss doubles the cost for sharper edges the audits do not reward.
+
+Latents are the posterior means (deterministic encoding), shifted by their mean and scaled to unit variance:
+`z = (mean(x) - shift) * scale` with `shift` and `scale` measured on the training latents and written into the
+VAE's diffusers config (`shift_factor`, `scaling_factor`), the place diffusers' own pipelines read them from.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from synth.autoencoder_config import AutoencoderConfig
+from synth.errors import ConfigError
+
+
+def build_vae(config: AutoencoderConfig, *, channels: int, sample_size: int):  # -> diffusers.AutoencoderKL
+    """A fresh `AutoencoderKL` for `channels`-channel images of `sample_size` pixels."""
+    from diffusers import AutoencoderKL
+
+    levels = len(config.block_out_channels)
+    return AutoencoderKL(
+        in_channels=channels, out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(config.block_out_channels), layers_per_block=config.layers_per_block,
+        latent_channels=config.latent_channels, norm_num_groups=config.norm_num_groups,
+        sample_size=sample_size, mid_block_add_attention=config.mid_attention,
+        # fp32 throughout; set properly by `fit_latent_scale` once trained
+        scaling_factor=1.0, shift_factor=0.0, force_upcast=False,
+    )
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div(127.5).sub(1.0)
+
+
+def train_vae(
+    images: torch.Tensor,
+    config: AutoencoderConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    say: Callable[[str], None] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Train an autoencoder on uint8 N×C×H×W `images` until `max_steps` or `max_minutes`; return it (CPU, eval)
+    with its training record (steps, seconds, final reconstruction MSE, PSNR on the [0, 255] scale).
+
+    Seeded: the init and the batch order come from `seed` (their own generators), so the same data and seed give
+    the same autoencoder on one machine and thread count."""
+    n, channels, size = int(images.shape[0]), int(images.shape[1]), int(images.shape[2])
+    torch_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    vae = build_vae(config, channels=channels, sample_size=size).to(device)
+    torch.set_rng_state(torch_state)
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr)
+    order_gen = torch.Generator().manual_seed(seed + 1)
+    sample_gen = torch.Generator(device=device).manual_seed(seed + 2)
+    batch = min(config.batch_size, n)
+    started, step, losses = time.monotonic(), 0, []
+    limit_s = config.max_minutes * 60 if config.max_minutes is not None else math.inf
+    while step < config.max_steps and time.monotonic() - started < limit_s:
+        for idx in torch.randperm(n, generator=order_gen).split(batch):
+            if len(idx) < batch or step >= config.max_steps or time.monotonic() - started >= limit_s:
+                break
+            x = _to_float(images[idx]).to(device)
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=sample_gen,
+                                                             device=device)
+            mse = (vae.decode(z).sample - x).pow(2).mean()
+            loss = mse + config.kl_weight * posterior.kl().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            losses.append(float(mse.detach()))
+            if say is not None and (step == 1 or step % 50 == 0):
+                say(f"autoencoder step {step}/{config.max_steps}: reconstruction MSE {losses[-1]:.4f}")
+    seconds = time.monotonic() - started
+    if step == 0:
+        raise ConfigError("autoencoder training stopped before its first step (max_minutes too small?)")
+    tail = losses[-min(len(losses), 20):]
+    mse = sum(tail) / len(tail)
+    # MSE on [-1, 1] is (2/255)² times the MSE on [0, 255]: PSNR = 10·log10(4 / mse).
+    record = {"steps": step, "seconds": round(seconds, 2), "stopped_by": "max_steps" if step >= config.max_steps
+              else "max_minutes", "reconstruction_mse": mse, "psnr_db": 10 * math.log10(4 / max(mse, 1e-12))}
+    return vae.to("cpu").eval(), record
+
+
+@torch.no_grad()
+def encode_means(vae: Any, images: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """Unscaled posterior means of uint8 (or [-1, 1] float) N×C×H×W images, float32 on the CPU."""
+    device = next(vae.parameters()).device
+    out = []
+    for start in range(0, int(images.shape[0]), batch_size):
+        x = images[start : start + batch_size]
+        x = _to_float(x) if x.dtype == torch.uint8 else x.float()
+        out.append(vae.encode(x.to(device)).latent_dist.mean.float().cpu())
+    return torch.cat(out)
+
+
+def fit_latent_scale(vae: Any, means: torch.Tensor) -> tuple[float, float]:
+    """Set the VAE config's `shift_factor` (mean) and `scaling_factor` (1/std) from the training latents' unscaled
+    means, so `(z - shift) * scale` has zero mean and unit variance; return (shift, scale)."""
+    shift = float(means.mean())
+    std = float(means.std())
+    if not math.isfinite(std) or std <= 0:
+        raise ConfigError(f"autoencoder latents have standard deviation {std}; cannot scale them")
+    scale = 1.0 / std
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    return shift, scale
+
+
+def scale_latents(vae: Any, means: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents → the UNet's space, with the VAE config's shift and scale."""
+    return (means - float(vae.config.shift_factor or 0.0)) * float(vae.config.scaling_factor)
+
+
+def stderr_say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

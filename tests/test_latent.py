@@ -1,0 +1,158 @@
+"""The latent generator kind: an autoencoder trained on site, the UNet on its scaled latents, both in the model
+directory; plain diffusers samples it; DP with it is refused; `auto` picks the kind from size, device and DP."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from synth.errors import ConfigError
+from synth.generator_kind import LATENT_DP_REFUSAL, resolve_kind
+from synth.train_config import TrainConfig
+
+torch.set_num_threads(1)
+
+LABELS = [0, 1, 1, 0]
+SEEDS = [5, 6, 7, 8]
+
+
+@pytest.fixture(scope="module")
+def latent_model(tmp_path_factory, pneumonia_slice):
+    from synth.training import train
+
+    cfg = TrainConfig(preset="tiny", kind="latent", max_steps=6, batch_size=16, threads=1,
+                      autoencoder={"max_steps": 8, "batch_size": 16})
+    return train(pneumonia_slice, tmp_path_factory.mktemp("latent") / "model", cfg, progress=False)
+
+
+def test_auto_kind_follows_size_device_preset_and_dp():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_kind("auto", sample_size=28, device=cpu, preset="small", private=False) == "pixel"
+    assert resolve_kind("auto", sample_size=64, device=cpu, preset="small", private=False) == "latent"
+    assert resolve_kind("auto", sample_size=128, device=cpu, preset="quality", private=False) == "latent"
+    assert resolve_kind("auto", sample_size=128, device=gpu, preset="base", private=False) == "pixel"
+    assert resolve_kind("auto", sample_size=128, device=cpu, preset="small", private=True) == "pixel"
+    assert resolve_kind("latent", sample_size=28, device=cpu, preset="tiny", private=False) == "latent"
+
+
+def test_partial_autoencoder_settings_keep_the_presets_other_fields():
+    cfg = TrainConfig(preset="small", autoencoder={"max_steps": 7})
+    assert cfg.autoencoder.max_steps == 7 and cfg.autoencoder.block_out_channels == (16, 32, 64)
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ConfigError, match="autoencoder block_out_channels"):
+        TrainConfig.from_json({"preset": "tiny", "autoencoder": {"block_out_channels": [12, 16]}})
+
+
+def test_latent_with_dp_is_refused_in_one_line(tmp_path, pneumonia_slice):
+    from flows.release_config import ReleaseConfig
+    from synth.config import build
+
+    with pytest.raises(ConfigError) as err:
+        build(ReleaseConfig, {"train": {"preset": "tiny", "kind": "latent"}, "dp": {"enabled": True}},
+              source="release.yaml")
+    assert "train.kind 'latent' cannot be combined with DP" in str(err.value) and "\n" not in str(err.value)
+
+    from privacy.dp import build_strategy
+    from privacy.dp_config import DPConfig
+    from synth.training import train
+
+    strategy = build_strategy(DPConfig(target_epsilon=8.0), dataset=pneumonia_slice, noise_multiplicity=1)
+    with pytest.raises(ConfigError, match="cannot be combined with DP"):
+        train(pneumonia_slice, tmp_path / "m", TrainConfig(preset="tiny", kind="latent", max_steps=2),
+              privacy=strategy, progress=False)
+    assert LATENT_DP_REFUSAL in str(err.value)
+
+
+def test_model_directory_holds_both_parts_and_records_the_scaling(latent_model, pneumonia_slice):
+    from diffusers import AutoencoderKL
+
+    index = json.loads((latent_model / "model_index.json").read_text())
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    card = json.loads((latent_model / "model_card.json").read_text())
+    gen = card["generator"]
+    assert gen["kind"] == "latent" and gen["vae"] == "vae" and gen["latent_shape"] == [4, 14, 14]
+    assert card["image"] == {"height": 28, "width": 28, "channels": 1, "dtype": "uint8"}
+    assert "vae/diffusion_pytorch_model.safetensors" in card["files"]
+    vae = AutoencoderKL.from_pretrained(latent_model, subfolder="vae", low_cpu_mem_usage=False)
+    assert vae.config.scaling_factor == pytest.approx(gen["scaling_factor"]) and gen["scaling_factor"] != 1.0
+    unet_cfg = json.loads((latent_model / "unet_ema" / "config.json").read_text())
+    assert unet_cfg["in_channels"] == 4 and unet_cfg["sample_size"] == 14
+    # Scaled training latents have unit variance: the factor was measured on them, not assumed.
+    from synth.autoencoder import encode_means, scale_latents
+    from synth.train_data import load_training_data
+
+    data = load_training_data(pneumonia_slice)
+    z = scale_latents(vae.eval(), encode_means(vae.eval(), data.images))
+    assert float(z.std()) == pytest.approx(1.0, abs=1e-3) and abs(float(z.mean())) < 1e-3
+
+
+def test_plain_diffusers_decodes_the_same_pixels_as_synthgate(latent_model):
+    from diffusers import DiffusionPipeline, UNet2DModel
+
+    from synth.pipeline import load_pipeline
+
+    unet = UNet2DModel.from_pretrained(latent_model, subfolder="unet_ema", low_cpu_mem_usage=False)
+    plain = DiffusionPipeline.from_pretrained(latent_model, custom_pipeline=str(latent_model),
+                                              trust_remote_code=True, low_cpu_mem_usage=False, unet=unet)
+    plain.set_progress_bar_config(disable=True)
+    images = plain(class_labels=LABELS, num_inference_steps=3, guidance_scale=2.0,
+                   generator=[torch.Generator().manual_seed(s) for s in SEEDS]).images
+    assert images[0].mode == "L" and images[0].size == (28, 28)
+    ours = load_pipeline(latent_model, device="cpu")(LABELS, num_inference_steps=3, guidance_scale=2.0,
+                                                     generator=[torch.Generator().manual_seed(s) for s in SEEDS])
+    assert ours.shape == (4, 28, 28)
+    np.testing.assert_array_equal(np.stack([np.asarray(im) for im in images]), ours)
+
+
+def test_interrupted_latent_run_resumes_on_the_same_autoencoder(latent_model, pneumonia_slice, tmp_path):
+    """The autoencoder is kept in the checkpoint directory: the resumed run trains on the very same latents and
+    ends with the weights of the uninterrupted run (`latent_model`, same config)."""
+    from safetensors.torch import load_file
+
+    from synth.checkpoint import default_checkpoint_dir
+    from synth.training import train
+
+    cfg = TrainConfig(preset="tiny", kind="latent", max_steps=6, batch_size=16, threads=1, checkpoint_every=3,
+                      autoencoder={"max_steps": 8, "batch_size": 16})
+    out = tmp_path / "model"
+
+    def crash(step, loss):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError):
+        train(pneumonia_slice, out, cfg, progress=False, on_step=crash)
+    assert (default_checkpoint_dir(out) / "vae" / "config.json").is_file()
+    train(pneumonia_slice, out, cfg, progress=False, resume=True)
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["resumed_from_step"] == 3 and card["steps"] == 6
+    for part in ("vae", "unet", "unet_ema"):
+        ours = load_file(str(out / part / "diffusion_pytorch_model.safetensors"))
+        theirs = load_file(str(latent_model / part / "diffusion_pytorch_model.safetensors"))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+
+
+def test_rgb_latent_generator_generates_rgb_pixels_of_the_real_size(tmp_path):
+    """A 3-channel 32-px dataset: the latent UNet sees 4×16×16 latents, generation writes 32×32×3 uint8 pixels."""
+    import pandas as pd
+
+    from synth.data.canonical import load_dataset, write_dataset
+    from synth.generate import generate
+    from synth.training import train
+
+    rng = np.random.default_rng(0)
+    n = 32
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    meta = pd.DataFrame({"image_id": [f"i{i}" for i in range(n)], "split": "train", "label": np.arange(n) % 2})
+    ds = write_dataset(tmp_path / "ds", images, meta, class_names=["a", "b"], source={"format": "test"},
+                       license="CC0", attribution="test")
+    cfg = TrainConfig(preset="tiny", kind="latent", max_steps=2, batch_size=16, threads=1,
+                      autoencoder={"max_steps": 2, "batch_size": 16})
+    model = train(ds, tmp_path / "model", cfg, progress=False)
+    card = json.loads((model / "model_card.json").read_text())
+    assert card["generator"]["latent_shape"] == [4, 16, 16] and card["image"]["channels"] == 3
+    out = generate(model, tmp_path / "gen", n=4, sampler="ddim-25", steps=2, device="cpu", progress=False)
+    assert load_dataset(out).images.shape == (4, 32, 32, 3)
