@@ -15,7 +15,7 @@ console = Console(highlight=False, soft_wrap=True)  # paths and commands stay co
 
 # DPConfig field → the flag that sets it (flags keep the short names; the config accepts both).
 _FLAGS = {"target_epsilon": "--epsilon", "target_delta": "--delta", "max_grad_norm": "--max-grad-norm",
-          "accountant": "--accountant", "max_physical_batch_size": "--max-physical-batch-size"}
+          "accountant": "--accountant", "max_physical_batch_size": "--max-physical-batch-size", "plan": "--dp-plan"}
 
 
 def train_cmd(
@@ -40,6 +40,15 @@ def train_cmd(
     max_physical_batch_size: Annotated[
         int | None, typer.Option(help="DP: split Poisson batches into physical batches of at most this size.")
     ] = None,
+    dp_plan: Annotated[str | None, typer.Option(
+        "--dp-plan", help="DP: manual (default: the settings as given) | auto (batch, steps, physical batch chosen "
+                          "from ε, δ, N and the budget max_steps × batch_size; flags you set are kept).")] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        "--init-from", help="Start from this model directory's EMA weights (trained on public data; same image "
+                            "shape and preset); a different class set gets a re-initialised class embedding.")] = None,
+    public_dataset: Annotated[Path | None, typer.Option(
+        "--public-dataset", help="With --init-from: the canonical dataset that model was trained on; refused when "
+                                 "any of its images has the pixels of an image in DATASET.")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes of training.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Stop after this many passes over the train split.")] = None,
@@ -70,7 +79,7 @@ def train_cmd(
         raise ConfigError(f"--backend {backend} only applies with --nproc > 1")
     dp_values = {
         "target_epsilon": epsilon, "target_delta": delta, "max_grad_norm": max_grad_norm, "accountant": accountant,
-        "max_physical_batch_size": max_physical_batch_size,
+        "max_physical_batch_size": max_physical_batch_size, "plan": dp_plan,
     }
     dp_config = _dp_config(dp_values) if dp else None
     if not dp:
@@ -84,8 +93,18 @@ def train_cmd(
         "max_minutes": max_minutes, "max_steps": max_steps, "epochs": epochs, "batch_size": batch_size,
         "device": device, "seed": seed, "noise_multiplicity": noise_multiplicity, "kind": kind,
         "checkpoint_every": checkpoint_every, "condition_attributes": list(attribute) if attribute else None,
+        "init_from": str(init_from) if init_from is not None else None,
+        "init_from_dataset": str(public_dataset) if public_dataset is not None else None,
     }
     train_config = load_train_config(preset=preset, config_file=config, overrides=overrides)
+    if dp_config is not None:
+        from privacy.dp_plan import apply_plan
+
+        train_config, dp_config = apply_plan(dp_config, train_config, dataset=dataset)
+        if dp_config.plan_record is not None:
+            chosen = dp_config.plan_record["chosen"]
+            console.print("DP plan: " + ", ".join(f"{k}={v}" for k, v in chosen.items())
+                          + f" (σ≈{dp_config.plan_record['sigma_estimate']})")
 
     from flows.cli_progress import cli_progress
 

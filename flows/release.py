@@ -63,6 +63,13 @@ def validate_task(cfg: ReleaseConfig, dataset: Path) -> Path:
     return stages.validate_stage(cfg, dataset)
 
 
+@_task("public-pretraining")
+def public_pretraining_task(cfg: ReleaseConfig, dataset: Path) -> Path | None:
+    from flows.stage_public import public_pretraining_stage
+
+    return public_pretraining_stage(cfg, dataset)
+
+
 @_task("train")
 def train_task(cfg: ReleaseConfig, dataset: Path) -> Path:
     return stages.train_stage(cfg, dataset)
@@ -173,9 +180,12 @@ def release_pipeline(cfg: ReleaseConfig) -> AuditedRun:
     validate_task(cfg, dataset)
     # The copy-detection reference needs only the real data: it trains beside the generator.
     reference = privacy_reference_task.submit(cfg, dataset)
+    from flows.stage_public import with_init_from
+
+    public_model = public_pretraining_task(cfg, dataset)  # None without `public_pretraining:`
     # The canary check of a DP release's implementation (None otherwise): its own DP run, beside the generator's.
     dp_audit = dp_audit_task.submit(cfg, dataset)
-    model = train_task(cfg, dataset)
+    model = train_task(with_init_from(cfg, public_model), dataset)
     generation = guidance_task(cfg, dataset, model)  # the config with the guidance scale fixed
     parts = generate_shard_task.map(unmapped(generation), unmapped(model), range(shards), unmapped(shards))
     synthetic = merge_synthetic_task(generation, model, parts.result())

@@ -38,6 +38,13 @@ class DPSettings(DPConfig):
         # Plain pydantic errors inside a release config: its loader names the file, `dp.<field>` and the value.
         BaseModel.__init__(self, **data)
 
+    @field_validator("plan_record")
+    @classmethod
+    def _no_record(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("plan_record is written by dp.plan auto, not set in a release config")
+        return value
+
     def config(self) -> DPConfig:
         """The trainer's DP config (these settings without `enabled`)."""
         return DPConfig(**self.model_dump(exclude={"enabled"}))
@@ -91,6 +98,33 @@ class GenerateSettings(BaseModel):
 
         GuidanceSelectionConfig.model_validate(value)
         return value
+
+
+class PublicPretrainingSettings(BaseModel):
+    """Pretrain the generator without DP on a *public* dataset, then (DP-)fine-tune it on the private one
+    (`flows.stage_public`). The steward declares the public data's licence and source; both go into the model card
+    and the privacy ledger, and the DP guarantee covers the private data only. A public set sharing any image
+    (pixel sha256) with the private one is refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: IngestConfig = Field(description="the public dataset to ingest (ingest settings; size and channels "
+                                             "must give the private images' shape)")
+    license: str = Field(min_length=1, description="the public data's licence, as declared by the steward")
+    attribution: str = Field(min_length=1, description="where the public data comes from (source, citation)")
+    train: TrainConfig = Field(TrainConfig(preset="small"), description="pretraining settings (never DP); its "
+                                                                        "preset must be the release's train preset")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "preset" not in value:
+            return {"preset": "small", **value}
+        return value
+
+    def ingest_config(self) -> IngestConfig:
+        """The ingest settings with the declared licence and source."""
+        return self.source.model_copy(update={"license": self.license, "attribution": self.attribution})
 
 
 class ApprovalSettings(BaseModel):
@@ -160,6 +194,7 @@ class ReleaseConfig(BaseModel):
     source: SourceSettings = SourceSettings()
     train: TrainConfig = TrainConfig(preset="small")
     dp: DPSettings = DPSettings()
+    public_pretraining: PublicPretrainingSettings | None = None
     dp_audit: DPAuditSettings = DPAuditSettings()
     generate: GenerateSettings = GenerateSettings()
     privacy_audit: dict[str, Any] = Field(default_factory=dict, description="PrivacyAuditConfig fields")
@@ -184,6 +219,20 @@ class ReleaseConfig(BaseModel):
         if isinstance(value, dict) and "preset" not in value:
             return {"preset": "small", **value}
         return value
+
+    @model_validator(mode="after")
+    def _public(self) -> ReleaseConfig:
+        pre = self.public_pretraining
+        if pre is None:
+            return self
+        if self.train.init_from is not None:
+            raise ValueError("give public_pretraining or train.init_from, not both (public_pretraining sets it)")
+        if pre.train.preset != self.train.preset:
+            raise ValueError(f"public_pretraining.train.preset {pre.train.preset!r} differs from train.preset "
+                             f"{self.train.preset!r}: fine-tuning needs the same UNet")
+        if pre.train.init_from is not None:
+            raise ValueError("public_pretraining.train.init_from must be empty (pretraining starts fresh)")
+        return self
 
     @model_validator(mode="after")
     def _latent_needs_no_dp(self) -> ReleaseConfig:

@@ -16,10 +16,11 @@ def dp_audit_stage(cfg: ReleaseConfig, dataset: Path) -> Path | None:
     if not (cfg.dp.enabled and cfg.dp_audit.enabled):
         return None
     from privacy.dp_audit import run_dp_audit
+    from privacy.dp_plan import apply_plan
 
-    train_cfg = cfg.train.model_copy(update={"device": cfg.device})
+    # The same settings the release's DP training runs with (dp.plan auto: chosen from the budget, as there).
+    train_cfg, dp = apply_plan(cfg.dp.config(), cfg.train.model_copy(update={"device": cfg.device}), dataset=dataset)
     audit = cfg.dp_audit.config()
-    dp = cfg.dp.config()
     return run_stage(
         cfg.workdir, DP_AUDIT, inputs={"dataset": artifact_hash(dataset)},
         config={"audit": audit.model_dump(mode="json"), "train": train_cfg.model_dump(mode="json"),

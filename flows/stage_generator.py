@@ -27,10 +27,18 @@ def train_stage(cfg: ReleaseConfig, dataset: Path) -> Path:
 
     train_cfg = cfg.train.model_copy(update={"device": cfg.device})
     config = {"train": train_cfg.model_dump(mode="json"), "dp": cfg.dp.model_dump(mode="json")}
+    inputs = {"dataset": artifact_hash(dataset)}
+    if train_cfg.init_from is not None:  # the starting weights are an input: new public model, new training
+        inputs["init_from"] = artifact_hash(Path(train_cfg.init_from))
 
     def build(out: Path) -> Path:
+        nonlocal train_cfg
         ckpt = out.parent / f"{out.name}.ckpt"
         dp = cfg.dp.config() if cfg.dp.enabled else None
+        if dp is not None:
+            from privacy.dp_plan import apply_plan
+
+            train_cfg, dp = apply_plan(dp, train_cfg, dataset=dataset)  # dp.plan auto: settings from the budget
         if cfg.launch.nproc > 1:
             from flows.distributed import launch_training
 
@@ -45,7 +53,7 @@ def train_stage(cfg: ReleaseConfig, dataset: Path) -> Path:
         return train(dataset, out, train_cfg, privacy=privacy, resume=ckpt.exists(), checkpoint_dir=ckpt,
                      progress=interactive())
 
-    return run_stage(cfg.workdir, MODEL, inputs={"dataset": artifact_hash(dataset)}, config=config, build=build)
+    return run_stage(cfg.workdir, MODEL, inputs=inputs, config=config, build=build)
 
 
 def _generation_config(cfg: ReleaseConfig) -> dict[str, Any]:

@@ -80,6 +80,9 @@ def build_strategy(config: DPConfig, *, dataset: Path, noise_multiplicity: int) 
     """The DP strategy for training on the canonical dataset at `dataset` with the train config's K: the one way
     the CLI, the release flow and every torchrun worker turn a `DPConfig` into a strategy (N is the number of
     rows of the train split, what the trainer's loader iterates)."""
+    if config.plan == "auto" and config.plan_record is None:
+        raise ConfigError(where(_CFG, "plan 'auto' has not been applied: call privacy.dp_plan.apply_plan first "
+                                      "(it chooses the batch, steps and physical batch the strategy trains with)"))
     return make_strategy(config, dataset_size=train_split_size(dataset), noise_multiplicity=noise_multiplicity)
 
 
@@ -236,6 +239,7 @@ class DPStrategy:
             target_epsilon=self.config.target_epsilon,
             batch_size=self.batch_size,
             grad_sample_mode=self.config.grad_sample_mode,
+            dp_plan=self.config.plan_record,
         ).to_dict()
 
     def unwrap(self, model):

@@ -10,7 +10,7 @@ without DP), and `build_strategy` takes it from there.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -62,6 +62,10 @@ class DPConfig(BaseModel):
         (K·this many rows go through the model at once); None = no splitting. With W processes each computes
         its ~1/W slice of every chunk (the chunks, and so the run, are those of one process).
     grad_sample_mode: "hooks" (default, fastest), "hooks_unfold" or "functorch"; see GRAD_SAMPLE_MODES.
+    plan: "manual" (default: train with these settings and the train config as given) or "auto" (batch size,
+        steps, physical batch, warmup chosen from ε, δ, N and the compute budget: `privacy.dp_plan`).
+    plan_record: set by `privacy.dp_plan.plan_dp` on the config it returns (what was chosen and why); the
+        strategy writes it into the ledger as `dp_plan`. Not a user setting.
 
     Construction errors are one-line `ConfigError`s naming the field and the bad value.
     """
@@ -76,6 +80,8 @@ class DPConfig(BaseModel):
     poisson_sampling: bool = True
     max_physical_batch_size: int | None = None
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE
+    plan: Literal["auto", "manual"] = "manual"
+    plan_record: dict[str, Any] | None = None
 
     def __init__(self, /, **data: Any) -> None:
         try:

@@ -75,6 +75,11 @@ class PrivacyLedger:
     opacus_version: str = ""
     # An independent recomputation of ε (dp_accounting), recorded when the ledger was made.
     epsilon_check: Mapping[str, Any] = field(default_factory=dict)
+    # How the settings were chosen (`privacy.dp_plan`, `dp.plan: auto`): inputs, chosen values, reasons, overrides.
+    dp_plan: Mapping[str, Any] | None = None
+    # The public model the run started from (`train.init_from`): its content hash and its data's declared licence
+    # and source. The guarantee above covers the private training set only, not that public data.
+    public_pretraining: Mapping[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -196,6 +201,7 @@ def build_ledger(
     target_epsilon: float | None = None,
     batch_size: int | None = None,
     grad_sample_mode: str | None = None,
+    dp_plan: Mapping[str, Any] | None = None,
     check: bool = True,
 ) -> PrivacyLedger:
     """A ledger from an Opacus accountant history: ε with `accountant`, plus (if `check`) dp_accounting's ε."""
@@ -215,6 +221,7 @@ def build_ledger(
         batch_size=batch_size,
         grad_sample_mode=grad_sample_mode,
         opacus_version=opacus.__version__,
+        dp_plan=dp_plan,
     )
     if not check:
         return base

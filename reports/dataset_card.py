@@ -199,7 +199,23 @@ def privacy_statement(facts: ReleaseFacts) -> str:
         extra.append(f"noise multiplicity K = {p.noise_multiplicity}")
     tail = (", " + ", ".join(extra)) if extra else ""
     unit = f" Privacy unit: {p.privacy_unit}." if p.privacy_unit else ""
-    return f"{parts[0]} {parts[1]}{tail}).{unit} Any analysis of the synthetic images inherits this guarantee."
+    return (f"{parts[0]} {parts[1]}{tail}).{unit} Any analysis of the synthetic images inherits this guarantee."
+            + _public_pretraining(p.public_pretraining))
+
+
+def _public_pretraining(public: dict | None) -> str:
+    """Which data the guarantee covers when training started from a public model (`train.init_from`)."""
+    if not public:
+        return ""
+    return (
+        f" The guarantee covers the private training images only: training started from a public model (content "
+        f"hash {str(public.get('content_hash'))[:16]}…) trained without this guarantee on public data "
+        f"(dataset hash {str(public.get('trained_on'))[:16]}…; licence {public.get('data_license') or 'not declared'}; "
+        f"source {public.get('data_source') or 'not declared'}), which the guarantee does not cover."
+        + (" No image of that public set has the pixels of a private image (sha256 of every image compared)."
+           if (public.get("overlap_check") or {}).get("checked") else
+           " Its images were not compared with the private ones.")
+    )
 
 
 def approval_statement(facts: ReleaseFacts) -> str:

@@ -114,6 +114,9 @@ class PrivacyFacts(_Facts):
     secure_rng_reason: str | None = None
     privacy_unit: str | None = None
     epsilon_check: dict[str, Any] = Field(default_factory=dict)  # independent recomputation (library, method, ε)
+    # The public model training started from (content hash, its data's licence and source): not covered by ε.
+    public_pretraining: dict[str, Any] | None = None
+    dp_plan: dict[str, Any] | None = None  # how the DP settings were chosen (privacy.dp_plan), when planned
     # The canary audit of the DP implementation (privacy/dp_audit.py): verdict, epsilon_lower_bound,
     # claimed_epsilon (of the audit run), epsilon_ceiling, canaries. Empty when it was not run.
     empirical_audit: dict[str, Any] = Field(default_factory=dict)
@@ -187,6 +190,8 @@ class PrivacyFacts(_Facts):
                 secure_rng_reason=ledger.get("secure_rng_reason"),
                 privacy_unit=ledger.get("privacy_unit"),
                 epsilon_check=dict(ledger.get("epsilon_check") or {}),
+                public_pretraining=dict(ledger["public_pretraining"]) if ledger.get("public_pretraining") else None,
+                dp_plan=dict(ledger["dp_plan"]) if ledger.get("dp_plan") else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(where(source, f"cannot read the privacy claim from the ledger ({e})")) from None

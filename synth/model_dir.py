@@ -78,6 +78,8 @@ def privacy_summary(*, epsilon: float, ledger: Mapping[str, Any], noise_multipli
     delta = ledger.get("delta")
     accountant = ledger.get("accountant")
     clip = ledger.get("max_grad_norm")
+    plan = ledger.get("dp_plan")
+    public = ledger.get("public_pretraining")
     explanation = (
         f"Trained with differentially private SGD (DP-SGD): each step used a random (Poisson) subset of the "
         f"training images, clipped each image's gradient to norm {clip} and added Gaussian noise. The result is "
@@ -89,6 +91,13 @@ def privacy_summary(*, epsilon: float, ledger: Mapping[str, Any], noise_multipli
         "so K does not weaken the guarantee. The guarantee is per image, not per patient: a patient with several "
         "images is protected less."
     )
+    if public:
+        explanation += (
+            f" The guarantee covers this model's private training images only: training started from the public "
+            f"model {public.get('content_hash', '')[:12]}… (weights {public.get('weights')}), trained on public data "
+            f"(licence: {public.get('data_license')}; source: {public.get('data_source') or 'not declared'}), which "
+            "the guarantee does not cover and which is not protected by it."
+        )
     return {
         "epsilon": float(epsilon),
         "delta": delta,
@@ -98,6 +107,8 @@ def privacy_summary(*, epsilon: float, ledger: Mapping[str, Any], noise_multipli
         "steps": ledger.get("steps"),
         "ledger": LEDGER,
         "explanation": explanation,
+        "plan": plan,
+        "public_pretraining": public,
     }
 
 
@@ -122,6 +133,7 @@ def write_model_dir(
     privacy: Mapping[str, Any] | None = None,
     privacy_ledger: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    init_from: Mapping[str, Any] | None = None,
     vae: Any = None,
     generator: Mapping[str, Any] | None = None,
 ) -> Path:
@@ -132,8 +144,9 @@ def write_model_dir(
     `class_names`, `image` (height, width, channels), `condition_counts` (training images per condition index),
     `weights` (which folder holds which weights), `generator` (kind pixel, or latent with its `vae` folder,
     latent shape and scaling; `vae` is then the `AutoencoderKL`), `privacy` (None or `privacy_summary(...)`),
-    `diffusers` (how to load it without synthgate: `diffusers_usage()`) and `extra` (seeds, steps, epochs, time,
-    device, losses ...).
+    `diffusers` (how to load it without synthgate: `diffusers_usage()`), `init_from` (None, or the model training
+    started from: `synth.init_from.load_init`'s record; its content hash is also an input of the header) and
+    `extra` (seeds, steps, epochs, time, device, losses ...).
     """
     from synth.pipeline import ConditionalDiffusionPipeline
 
@@ -155,6 +168,7 @@ def write_model_dir(
             "generator": dict(generator) if generator is not None else {"kind": "pixel"},
             "privacy": dict(privacy) if privacy is not None else None,
             "diffusers": diffusers_usage(),
+            "init_from": dict(init_from) if init_from is not None else None,
             **dict(extra or {}),
         }
         write_header(
@@ -163,7 +177,8 @@ def write_model_dir(
             kind=KIND,
             schema_version=SCHEMA_VERSION,
             files=payload_files(tmp),
-            inputs={"dataset": dataset_hash},
+            inputs={"dataset": dataset_hash,
+                    **({"init_from": str(init_from["content_hash"])} if init_from is not None else {})},
             config={"model": model_config.model_dump(mode="json"), "train": dict(train_config)},
             body=body,
         )

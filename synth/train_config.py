@@ -164,6 +164,11 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(ge=0)
     # Torch threads while training (None: every core this process may run on); see synth.training.train.
     threads: int | None = Field(ge=1)
+    # A model directory to start from (public-data pretraining; synth.init_from). None: a fresh UNet.
+    init_from: str | None = None
+    # The canonical dataset `init_from` was trained on: checked to be that model's data and to share no image
+    # (pixel sha256) with the training data (synth.data.overlap); the check is recorded in the model card.
+    init_from_dataset: str | None = None
     # Generator kind and, for the latent kind, its autoencoder (filled from the preset; unused by pixel models).
     kind: GeneratorKind
     autoencoder: AutoencoderConfig
@@ -214,6 +219,8 @@ class TrainConfig(BaseModel):
     def _check_stopping(self) -> TrainConfig:
         if self.epochs is None and self.max_steps is None and self.max_minutes is None:
             raise ValueError("set at least one of epochs, max_steps, max_minutes (training would never stop)")
+        if self.init_from_dataset is not None and self.init_from is None:
+            raise ValueError("init_from_dataset only applies with init_from (the model trained on it)")
         return self
 
     def to_json(self) -> dict[str, Any]:

@@ -57,6 +57,7 @@ class Run:
     resumed_from: int | None = None
     pending_privacy_state: dict | None = None
     last_saved: int = -1  # step of the last checkpoint written by this process (-1: none)
+    init_from: dict | None = None  # the model the weights started from (synth.init_from), for the card
     latent: Any = None  # synth.latent_training.LatentParts of a latent generator (None: pixel space)
 
     def restore_privacy_state(self) -> None:

@@ -251,6 +251,7 @@ def _setup(
     torch.manual_seed(seeds["init"])
     unet: UNet2DModel = build_unet(model_cfg).to(device)
     torch.set_rng_state(init_rng)
+    init_from = _load_init(unet, config, model_cfg, data, dataset_dir)  # before the optimizer and EMA see them
     unet.train()
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=config.lr, betas=tuple(config.adam_betas), weight_decay=config.weight_decay
@@ -283,10 +284,22 @@ def _setup(
         dataset_dir=dataset_dir, out=out, config=config, data=data, model_cfg=model_cfg, device=device, world=world,
         seeds=seeds, unet=unet, model=model, raw=raw, optimizer=optimizer, ema=ema, scheduler=scheduler,
         loader=loader, loader_gen=loader_gen, noise_gen=noise_gen, privacy=privacy, ckpt_dir=ckpt_dir,
-        planned=planned, batches_per_epoch=batches_per_epoch, latent=latent,
+        planned=planned, batches_per_epoch=batches_per_epoch, latent=latent, init_from=init_from,
         # A preset's max_minutes is the whole training budget: the autoencoder's minutes count against it.
         state=RunState(elapsed_s=float(latent.record.get("seconds", 0.0))) if latent is not None else RunState(),
     )
+
+
+def _load_init(unet: nn.Module, config: TrainConfig, model_cfg: Any, data: TrainingData,
+               data_dir: Path) -> dict | None:
+    """Start from `config.init_from`'s weights (public pretraining), or keep the fresh init (None)."""
+    if config.init_from is None:
+        return None
+    from synth.init_from import load_init
+
+    public = Path(config.init_from_dataset) if config.init_from_dataset is not None else None
+    return load_init(unet, Path(config.init_from), model_cfg=model_cfg, class_names=list(data.space.class_names),
+                     image=data.image, dataset_hash=data.dataset_hash, dataset=data_dir, public_dataset=public)
 
 
 def _finish(run: Run, stop_reason: str) -> None:
@@ -306,7 +319,7 @@ def _finish(run: Run, stop_reason: str) -> None:
     run.ema.copy_to(ema_unet.parameters())
     summary = ledger = None
     if privacy is not None:
-        ledger = privacy.ledger()
+        ledger = {**privacy.ledger(), "public_pretraining": run.init_from}
         summary = privacy_summary(
             epsilon=privacy.epsilon(), ledger=ledger, noise_multiplicity=privacy.noise_multiplicity
         )
@@ -324,6 +337,7 @@ def _finish(run: Run, stop_reason: str) -> None:
         condition_counts=data.condition_counts,
         privacy=summary,
         privacy_ledger=ledger,
+        init_from=run.init_from,
         vae=run.latent.vae if run.latent is not None else None,
         generator=generator_entry(run.latent),
         extra={

@@ -342,6 +342,33 @@ def test_dp_release_carries_a_checked_epsilon(released):
     assert not (tmp / "releases-dp-strict").exists()
 
 
+
+def test_dp_release_with_public_pretraining_documents_what_the_guarantee_covers(released, data_dir):
+    """`public_pretraining:` through the Prefect flow: the public model is a cached stage, training starts from it
+    with DP, and the published datasheet and dataset card say the guarantee covers the private data only."""
+    from flows.release import release
+    from flows.release_config import DPSettings
+
+    tmp, cfg, _ = released
+    pre_cfg = cfg.model_copy(update={
+        "workdir": tmp / "work-public", "releases_dir": tmp / "releases-public", "title": "DP slice, pretrained",
+        "dp": DPSettings(enabled=True, epsilon=8.0, accountant="rdp"),
+    })
+    pre_cfg = type(cfg).model_validate({**pre_cfg.model_dump(), "public_pretraining": {
+        "source": {"path": str(data_dir / "covid_cxr_128.npz"), "size": 28},
+        "license": "per image, see covid_cxr_128_meta.csv", "attribution": "Cohen et al. COVID-19 image data (2020)",
+        "train": {"preset": "tiny", "max_steps": 4, "batch_size": 32}}})
+    result = release(config=pre_cfg)
+    assert result.status == "published"
+    public_card = json.loads((tmp / "work-public" / "public-model" / "model_card.json").read_text())
+    card = json.loads((tmp / "work-public" / "model" / "model_card.json").read_text())
+    assert card["inputs"]["init_from"] == public_card["content_hash"]
+    for doc in ("datasheet.md", "README.md"):
+        text = (result.bundle / doc).read_text()
+        assert "covers the private training images only" in text and public_card["content_hash"][:16] in text
+        assert "Cohen et al. COVID-19 image data (2020)" in text
+
+
 def test_latent_release_publishes_decoded_pixels(released):
     """The latent generator through the whole flow: autoencoder + latent UNet, audited and released as 28×28
     pixels; the model directory keeps both parts and the documents name the kind."""
