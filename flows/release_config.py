@@ -27,6 +27,13 @@ class SourceSettings(IngestConfig):
     min_per_class: int = Field(10, ge=0)
 
 
+def _small_unless_named(value: Any) -> Any:
+    # A partial `train:` mapping names a preset and overrides; TrainConfig fills the rest from the preset.
+    if isinstance(value, dict) and "preset" not in value:
+        return {"preset": "small", **value}
+    return value
+
+
 class DPSettings(DPConfig):
     """Differentially private training (DP-SGD with Opacus): `DPConfig`'s fields (`epsilon`/`delta` accepted as
     aliases), `enabled` (off by default) and a default ε target. K is `train.noise_multiplicity`."""
@@ -115,12 +122,7 @@ class PublicPretrainingSettings(BaseModel):
     train: TrainConfig = Field(TrainConfig(preset="small"), description="pretraining settings (never DP); its "
                                                                         "preset must be the release's train preset")
 
-    @field_validator("train", mode="before")
-    @classmethod
-    def _train(cls, value: Any) -> Any:
-        if isinstance(value, dict) and "preset" not in value:
-            return {"preset": "small", **value}
-        return value
+    _train = field_validator("train", mode="before")(_small_unless_named)
 
     def ingest_config(self) -> IngestConfig:
         """The ingest settings with the declared licence and source."""
@@ -212,13 +214,7 @@ class ReleaseConfig(BaseModel):
     def _old_names(cls, data: Any) -> Any:
         return _migrate(data) if isinstance(data, dict) else data
 
-    @field_validator("train", mode="before")
-    @classmethod
-    def _train(cls, value: Any) -> Any:
-        # A partial mapping names a preset and overrides; TrainConfig fills the rest from the preset.
-        if isinstance(value, dict) and "preset" not in value:
-            return {"preset": "small", **value}
-        return value
+    _train = field_validator("train", mode="before")(_small_unless_named)
 
     @model_validator(mode="after")
     def _public(self) -> ReleaseConfig:

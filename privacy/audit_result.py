@@ -15,11 +15,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from synth import layout
 from synth.artifacts import read_header
-from synth.errors import InputError, where
 
 
 class _Section(BaseModel):
@@ -137,12 +136,9 @@ class PrivacyAudit(_Section):
 
 def parse_privacy_audit(header: dict[str, Any], *, source: object) -> PrivacyAudit:
     """Validate a `privacy.json` header already read (one-line InputError naming `source` when malformed)."""
-    try:
-        return PrivacyAudit.model_validate(header)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "header"
-        raise InputError(where(source, f"malformed privacy audit header: {loc}: {err['msg']}")) from None
+    from synth.header_schema import parse_header
+
+    return parse_header(PrivacyAudit, header, source=source, what="privacy audit header")
 
 
 def read_privacy_audit(root: Path) -> dict[str, Any]:
