@@ -231,11 +231,14 @@ class ReleaseConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _latent_needs_no_dp(self) -> ReleaseConfig:
-        # Refused when the config is read, not after the data stage: see synth.generator_kind.
+    def _latent_dp_keeps_the_guarantee(self) -> ReleaseConfig:
+        # Refused when the config is read, not after the data stage (see synth.generator_kind): a latent DP release
+        # needs a DP autoencoder (a share of ε) or a public one (a latent init_from model, or public pretraining,
+        # whose kind the trainer checks once that model exists).
         from synth.generator_kind import LATENT_DP_REFUSAL
 
-        if self.dp.enabled and self.train.kind == "latent":
+        public = self.train.init_from is not None or self.public_pretraining is not None
+        if self.dp.enabled and self.train.kind == "latent" and self.dp.autoencoder_share == 0 and not public:
             raise ValueError(LATENT_DP_REFUSAL)
         return self
 

@@ -125,6 +125,9 @@ class DPStrategy:
         self._chunk_is_last: bool | None = None
         self._attached = False
         self._resumed: dict[str, Any] | None = None
+        # A latent generator's autoencoder, DP-trained on the same images before this strategy's model: its
+        # events are composed into this strategy's accountant (one ledger, one ε).
+        self._autoencoder: DPStrategy | None = None
         with warnings.catch_warnings():
             # "Secure RNG turned off": recorded in the ledger instead (torchcsprng has no build for this torch).
             warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
@@ -134,6 +137,54 @@ class DPStrategy:
     def accountant(self):
         """The Opacus accountant (its `history` is the ledger's raw material)."""
         return self._engine.accountant
+
+    # -- a latent generator's autoencoder (synth.privacy_strategy.LatentPrivacy) ----------------------------
+
+    @property
+    def can_train_autoencoder(self) -> bool:
+        """Whether a latent generator may train its autoencoder on the private images (with DP): `autoencoder_share`
+        is above 0."""
+        return self.config.autoencoder_share > 0
+
+    def autoencoder_strategy(self) -> DPStrategy:
+        """The DP strategy that trains a latent generator's autoencoder on the same private images, before this
+        strategy attaches to the UNet: ε target `autoencoder_share` × target_epsilon on its own, this strategy's
+        δ, N, accountant and clipping norm, one draw per example. Its accountant history is composed into this
+        strategy's: `attach` calibrates the UNet's σ so that the autoencoder's mechanism and the UNet's together
+        reach target_epsilon, and `ledger()` holds both (with the autoencoder's part named)."""
+        if self._attached:
+            raise RuntimeError("autoencoder_strategy must be called before attach (its spend precedes the UNet's)")
+        if not self.can_train_autoencoder:
+            raise ConfigError(where(_CFG, "autoencoder_share 0: the autoencoder may not be trained on the private "
+                                          "images; use a public autoencoder (train.init_from a latent model trained "
+                                          "on public data)"))
+        if self._autoencoder is None:
+            share = self.config.autoencoder_share
+            cfg = DPConfig(**{**self.config.to_dict(), "target_epsilon": share * self.config.target_epsilon,
+                              "plan": "manual", "plan_record": None})
+            self._autoencoder = DPStrategy(cfg, dataset_size=self.dataset_size, target_delta=self.target_delta)
+        return self._autoencoder
+
+    def _prior_history(self) -> list[tuple[float, float, int]]:
+        """The autoencoder's DP-SGD steps, composed before this strategy's own (empty for a pixel generator)."""
+        return [] if self._autoencoder is None else list(self._autoencoder.accountant.history)
+
+    def _autoencoder_record(self) -> dict[str, Any] | None:
+        ae = self._autoencoder
+        if ae is None or not ae.accountant.history:
+            return None
+        return {
+            "trained_with": "dp",
+            "share": self.config.autoencoder_share,
+            "target_epsilon": ae.config.target_epsilon,
+            "epsilon_alone": ae.epsilon(),
+            "events": [{"noise_multiplier": float(s), "sample_rate": float(q), "steps": int(n)}
+                       for s, q, n in ae.accountant.history],
+            "batch_size": ae.batch_size,
+            "max_grad_norm": ae.config.max_grad_norm,
+            "composition": "the autoencoder's events come first in `events`; `epsilon` composes them with the "
+                           "UNet's (one accountant over both), and the UNet's σ was calibrated to that composition",
+        }
 
     # -- protocol -------------------------------------------------------------------------------------------
 
@@ -167,6 +218,8 @@ class DPStrategy:
         self.planned_steps = steps if steps is not None else epochs * batches
         self.noise_multiplier = self._calibrate(self.planned_steps)
         self._check_resume()
+        if not self.accountant.history:  # (a resumed history, loaded before attach, already holds the prior)
+            self.accountant.history = self._prior_history()
 
         if self.config.grad_sample_mode == "hooks_unfold":
             self._guard_handles = install_contiguity_guard(model)
@@ -240,6 +293,7 @@ class DPStrategy:
             batch_size=self.batch_size,
             grad_sample_mode=self.config.grad_sample_mode,
             dp_plan=self.config.plan_record,
+            autoencoder=self._autoencoder_record(),
         ).to_dict()
 
     def unwrap(self, model):
@@ -303,6 +357,7 @@ class DPStrategy:
                 sample_rate=self.sample_rate,
                 steps=steps,
                 accountant=self.config.accountant,
+                prior=tuple(self._prior_history()),
             )
         except ValueError as err:
             raise ConfigError(
@@ -402,19 +457,26 @@ def _batch_slice(batch, start: int, stop: int):
 
 @functools.lru_cache(maxsize=64)
 def calibrate_noise_multiplier(
-    *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str
+    *, target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str,
+    prior: tuple[tuple[float, float, int], ...] = (),
 ) -> float:
-    """σ reaching (target_epsilon, target_delta) after `steps` steps at rate q (ε within 0.01 below target).
+    """σ reaching (target_epsilon, target_delta) after `steps` steps at rate q (ε within 0.01 below target),
+    composed after the `prior` accountant history (a latent generator's DP autoencoder), if any.
 
-    Opacus' own calibration (what make_private_with_epsilon calls), given steps rather than epochs:
-    make_private_with_epsilon recomputes steps as int(epochs / q), which float rounding can leave one short.
-    Cached: a PRV binary search takes seconds and is deterministic (a resumed run recalibrates identically).
+    Without a prior: Opacus' own calibration (what make_private_with_epsilon calls), given steps rather than
+    epochs: make_private_with_epsilon recomputes steps as int(epochs / q), which float rounding can leave one short.
+    With one: the same binary search over σ, each probe's ε computed by one accountant over the prior's events
+    and the new ones (composition, not a sum of ε's). Cached: a PRV binary search takes seconds and is
+    deterministic (a resumed run recalibrates identically).
     """
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():
         # The search probes σ far from the answer, where RDP's order grid is too short; irrelevant to the result.
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        if prior:
+            return _calibrate_after(prior, target_epsilon=target_epsilon, target_delta=target_delta,
+                                    sample_rate=sample_rate, steps=steps, accountant=accountant)
         sigma = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=target_delta,
@@ -423,6 +485,36 @@ def calibrate_noise_multiplier(
             accountant=accountant,
         )
     return float(sigma)
+
+
+def _calibrate_after(prior: tuple[tuple[float, float, int], ...], *, target_epsilon: float, target_delta: float,
+                     sample_rate: float, steps: int, accountant: str, tolerance: float = 0.01) -> float:
+    """Opacus' `get_noise_multiplier` search (double σ until under the target, then bisect to within `tolerance`
+    below it), with the prior events in every probe's history."""
+    from privacy.ledger import DPSGDEvent, epsilon_for_events, events_from_history
+
+    before = events_from_history(prior)
+    if epsilon_for_events(before, delta=target_delta, accountant=accountant) >= target_epsilon:
+        raise ValueError("the earlier mechanism alone spends the whole budget")
+
+    def eps(sigma: float) -> float:
+        event = DPSGDEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
+        return epsilon_for_events((*before, event), delta=target_delta, accountant=accountant)
+
+    low, high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > target_epsilon:
+        high *= 2
+        if high > 2**13:  # Opacus' MAX_SIGMA is 1e6; far past any useful σ either way
+            raise ValueError("The privacy budget is too low.")
+        eps_high = eps(high)
+    while target_epsilon - eps_high > tolerance:
+        mid = (low + high) / 2
+        e = eps(mid)
+        if e < target_epsilon:
+            high, eps_high = mid, e
+        else:
+            low = mid
+    return float(high)
 
 
 def _quiet_known_warnings() -> None:

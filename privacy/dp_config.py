@@ -33,6 +33,10 @@ _REFUSED_MODES = {
     "ghost": "needs a per-row loss and clips B×K rows separately, so noise multiplicity cannot be folded",
 }
 _CFG = "DP config"
+# Measured (benchmarks/README.md "Latent diffusion", DP autoencoder): the autoencoder's reconstruction barely
+# degrades as its ε shrinks, while the UNet's samples need every bit of ε they get (issue 15), so the
+# autoencoder gets a small share. Composition is sub-additive, so the UNet keeps more than 1 - share of ε.
+AUTOENCODER_SHARE = 0.2
 _K_MOVED = "is a training setting (train: noise_multiplicity, or --noise-multiplicity), not a DP one"
 
 
@@ -66,6 +70,11 @@ class DPConfig(BaseModel):
         steps, physical batch, warmup chosen from ε, δ, N and the compute budget: `privacy.dp_plan`).
     plan_record: set by `privacy.dp_plan.plan_dp` on the config it returns (what was chosen and why); the
         strategy writes it into the ledger as `dp_plan`. Not a user setting.
+    autoencoder_share: a latent generator whose autoencoder is trained on the private images trains it with DP-SGD
+        at ε = share × target_epsilon on its own; the UNet's σ is then calibrated so that both mechanisms composed
+        reach target_epsilon (`DPStrategy.autoencoder_strategy`). 0 forbids training the autoencoder on private
+        data: a latent generator then needs a public autoencoder (`train.init_from` a latent model trained on
+        public data). Default and why: `AUTOENCODER_SHARE`.
 
     Construction errors are one-line `ConfigError`s naming the field and the bad value.
     """
@@ -82,6 +91,7 @@ class DPConfig(BaseModel):
     grad_sample_mode: str = DEFAULT_GRAD_SAMPLE_MODE
     plan: Literal["auto", "manual"] = "manual"
     plan_record: dict[str, Any] | None = None
+    autoencoder_share: float = AUTOENCODER_SHARE
 
     def __init__(self, /, **data: Any) -> None:
         try:
@@ -111,6 +121,15 @@ class DPConfig(BaseModel):
     def _accountant(cls, value: str) -> str:
         if value not in ACCOUNTANTS:
             raise ValueError(f"accountant {value!r} is not one of {', '.join(ACCOUNTANTS)}")
+        return value
+
+    @field_validator("autoencoder_share", mode="before")
+    @classmethod
+    def _share(cls, value: Any) -> Any:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not (ok and 0 <= value < 1):
+            raise ValueError(f"autoencoder_share {value!r} must be a number in [0, 1) (the autoencoder's fraction "
+                             "of target_epsilon; 0: no DP autoencoder, a public one is needed)")
         return value
 
     @field_validator("max_physical_batch_size", mode="before")

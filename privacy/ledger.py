@@ -80,6 +80,10 @@ class PrivacyLedger:
     # The public model the run started from (`train.init_from`): its content hash and its data's declared licence
     # and source. The guarantee above covers the private training set only, not that public data.
     public_pretraining: Mapping[str, Any] | None = None
+    # A latent generator's autoencoder: trained with DP on the private images ("dp": its share of the target, its
+    # own events, which are also in `events` and composed into `epsilon`) or reused from a public model ("public":
+    # its content hash, licence and source; not covered by the guarantee). None for a pixel generator.
+    autoencoder: Mapping[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -202,6 +206,7 @@ def build_ledger(
     batch_size: int | None = None,
     grad_sample_mode: str | None = None,
     dp_plan: Mapping[str, Any] | None = None,
+    autoencoder: Mapping[str, Any] | None = None,
     check: bool = True,
 ) -> PrivacyLedger:
     """A ledger from an Opacus accountant history: ε with `accountant`, plus (if `check`) dp_accounting's ε."""
@@ -222,6 +227,7 @@ def build_ledger(
         grad_sample_mode=grad_sample_mode,
         opacus_version=opacus.__version__,
         dp_plan=dp_plan,
+        autoencoder=autoencoder,
     )
     if not check:
         return base

@@ -200,7 +200,20 @@ def privacy_statement(facts: ReleaseFacts) -> str:
     tail = (", " + ", ".join(extra)) if extra else ""
     unit = f" Privacy unit: {p.privacy_unit}." if p.privacy_unit else ""
     return (f"{parts[0]} {parts[1]}{tail}).{unit} Any analysis of the synthetic images inherits this guarantee."
-            + _public_pretraining(p.public_pretraining))
+            + _autoencoder(p.autoencoder) + _public_pretraining(p.public_pretraining))
+
+
+def _autoencoder(ae: dict | None) -> str:
+    """What the guarantee says about a latent generator's autoencoder (DP-trained at a share of ε, or public)."""
+    if not ae:
+        return ""
+    if ae.get("trained_with") == "dp":
+        return (f" The latent generator's autoencoder was trained with DP-SGD on the same private images, with "
+                f"{float(ae.get('share', 0)):.0%} of the target ε (ε = {float(ae.get('epsilon_alone', 0)):.2f} on "
+                "its own); ε above composes it with the UNet's training, so the guarantee covers both parts.")
+    return (f" The latent generator's autoencoder was not trained on the private images: it is the frozen "
+            f"autoencoder of a public model (content hash {str(ae.get('model'))[:16]}…), which the guarantee does "
+            "not cover.")
 
 
 def _public_pretraining(public: dict | None) -> str:

@@ -53,6 +53,18 @@ __all__ = [
 
 LATENT_ARCHITECTURE = ("class-conditional latent diffusion (diffusers UNet2DModel on the latents of an "
                        "AutoencoderKL trained on the same training split)")
+# By where the autoencoder came from (the model card's generator.autoencoder.trained_on).
+_LATENT_BY_SOURCE = {
+    "train split, with DP-SGD": ("class-conditional latent diffusion (diffusers UNet2DModel on the latents of an "
+                                 "AutoencoderKL trained with DP-SGD on the same training split)"),
+    "public": ("class-conditional latent diffusion (diffusers UNet2DModel on the latents of a frozen AutoencoderKL "
+               "from a model trained on public data)"),
+}
+
+
+def _latent_architecture(card: Any) -> str:
+    source = ((card.generator or {}).get("autoencoder") or {}).get("trained_on")
+    return _LATENT_BY_SOURCE.get(source, LATENT_ARCHITECTURE)
 
 
 class ModelFacts(_Facts):
@@ -86,7 +98,7 @@ class ModelFacts(_Facts):
             content_hash=card.content_hash,
             preset=train.get("preset"),
             weights=(card.weights or {}).get("default"),
-            **({"architecture": LATENT_ARCHITECTURE} if card.generator_kind == "latent" else {}),
+            **({"architecture": _latent_architecture(card)} if card.generator_kind == "latent" else {}),
             training=training,
             condition_attributes={a["name"]: tuple(a["values"]) for a in cond.get("attributes", [])},
             num_conditions=cond.get("num_conditions"),
@@ -117,6 +129,9 @@ class PrivacyFacts(_Facts):
     # The public model training started from (content hash, its data's licence and source): not covered by ε.
     public_pretraining: dict[str, Any] | None = None
     dp_plan: dict[str, Any] | None = None  # how the DP settings were chosen (privacy.dp_plan), when planned
+    # A latent generator's autoencoder: trained_with "dp" (share of the target ε, its own ε, composed into ε) or
+    # "public" (the public model's hash; not covered by ε). None for a pixel generator.
+    autoencoder: dict[str, Any] | None = None
     # The canary audit of the DP implementation (privacy/dp_audit.py): verdict, epsilon_lower_bound,
     # claimed_epsilon (of the audit run), epsilon_ceiling, canaries. Empty when it was not run.
     empirical_audit: dict[str, Any] = Field(default_factory=dict)
@@ -192,6 +207,7 @@ class PrivacyFacts(_Facts):
                 epsilon_check=dict(ledger.get("epsilon_check") or {}),
                 public_pretraining=dict(ledger["public_pretraining"]) if ledger.get("public_pretraining") else None,
                 dp_plan=dict(ledger["dp_plan"]) if ledger.get("dp_plan") else None,
+                autoencoder=dict(ledger["autoencoder"]) if ledger.get("autoencoder") else None,
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(where(source, f"cannot read the privacy claim from the ledger ({e})")) from None

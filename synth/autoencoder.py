@@ -3,7 +3,9 @@
 Latent diffusion (Rombach et al. 2022; MAISI for medical images) trains the denoiser on an autoencoder's latents
 instead of pixels: at 64-128 px a factor-4 or factor-8 downsampling makes every UNet step several times cheaper
 on a CPU. No pretrained weights are used (none reach this machine, and a public VAE would carry no guarantee for
-medical images), so the autoencoder is trained here, non-privately, on the same train split as the UNet.
+medical images), so the autoencoder is trained here on the same train split as the UNet: non-privately, or in a
+DP run with DP-SGD through the run's privacy strategy (`train_vae(privacy=...)`), or it is taken frozen from a
+latent model trained on public data (`synth.latent_training`).
 
 Objective: pixel MSE plus a small KL term (weight `kl_weight`, as in Stable Diffusion's 1e-6 regime: the latent
 stays close to deterministic; its scale is fixed afterwards). No perceptual or adversarial loss: LPIPS needs
@@ -55,9 +57,14 @@ def train_vae(
     seed: int,
     device: torch.device,
     say: Callable[[str], None] | None = None,
+    privacy: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train an autoencoder on uint8 N×C×H×W `images` until `max_steps` or `max_minutes`; return it (CPU, eval)
     with its training record (steps, seconds, final reconstruction MSE, PSNR on the [0, 255] scale).
+
+    With `privacy` (a `synth.privacy_strategy.PrivacyStrategy`, e.g. DP-SGD) it is trained through the strategy:
+    Poisson batches, per-example clipped and noised gradients, `max_steps` logical steps planned for its accountant
+    (see `_train_private`).
 
     Seeded: the init and the batch order come from `seed` (their own generators), so the same data and seed give
     the same autoencoder on one machine and thread count."""
@@ -68,6 +75,13 @@ def train_vae(
     torch.set_rng_state(torch_state)
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr)
+    if privacy is not None:
+        # The strategy's noise comes from torch's global RNG: seeded here (and restored after), so a rerun or a
+        # resumed run gets the same autoencoder whatever ran before it.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed + 3)
+            return _train_private(vae, optimizer, images, config, seed=seed, device=device, say=say,
+                                  privacy=privacy)
     order_gen = torch.Generator().manual_seed(seed + 1)
     sample_gen = torch.Generator(device=device).manual_seed(seed + 2)
     batch = min(config.batch_size, n)
@@ -91,15 +105,83 @@ def train_vae(
             losses.append(float(mse.detach()))
             if say is not None and (step == 1 or step % 50 == 0):
                 say(f"autoencoder step {step}/{config.max_steps}: reconstruction MSE {losses[-1]:.4f}")
-    seconds = time.monotonic() - started
+    return vae.to("cpu").eval(), _record(step, losses, time.monotonic() - started, config)
+
+
+def _record(step: int, losses: list[float], seconds: float, config: AutoencoderConfig) -> dict[str, Any]:
     if step == 0:
         raise ConfigError("autoencoder training stopped before its first step (max_minutes too small?)")
-    tail = losses[-min(len(losses), 20):]
+    tail = [x for x in losses if math.isfinite(x)][-20:] or [math.nan]
     mse = sum(tail) / len(tail)
     # MSE on [-1, 1] is (2/255)² times the MSE on [0, 255]: PSNR = 10·log10(4 / mse).
-    record = {"steps": step, "seconds": round(seconds, 2), "stopped_by": "max_steps" if step >= config.max_steps
-              else "max_minutes", "reconstruction_mse": mse, "psnr_db": 10 * math.log10(4 / max(mse, 1e-12))}
-    return vae.to("cpu").eval(), record
+    return {"steps": step, "seconds": round(seconds, 2), "stopped_by": "max_steps" if step >= config.max_steps
+            else "max_minutes", "reconstruction_mse": mse, "psnr_db": 10 * math.log10(4 / max(mse, 1e-12))}
+
+
+# Weight of the per-example latent-moment term of DP training: with DP the latent shift and scale cannot be fitted
+# to the private latents afterwards (two statistics released outside DP-SGD), so the encoder is pulled towards
+# zero-mean, unit-second-moment latents and the UNet uses them at shift 0, scale 1. The decoder can absorb any
+# latent scale, so the term costs reconstruction little; 0.1 brought the latent std to ~1 within the budget.
+LATENT_MOMENT_WEIGHT = 0.1
+
+
+def _train_private(vae: Any, optimizer: Any, images: torch.Tensor, config: AutoencoderConfig, *, seed: int,
+                   device: torch.device, say: Callable[[str], None] | None, privacy: Any) -> tuple[Any, dict]:
+    """`train_vae` through a privacy strategy, following the trainer's step contract (`PrivacyStrategy`): every
+    loss term is per example (reconstruction MSE, KL, latent moments), so each example's gradient is its own
+    and the strategy clips and noises it; an empty Poisson batch still takes its noise-only step."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    n = int(images.shape[0])
+    batch = min(config.batch_size, n)
+    loader = DataLoader(TensorDataset(images), batch_size=batch, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed + 1))
+    model, optimizer, loader = privacy.attach(vae, optimizer, loader, epochs=None, steps=config.max_steps)
+    model.train()
+    inner = privacy.unwrap(model)  # encode/decode are its methods; the strategy's hooks sit on its layers
+    sample_gen = torch.Generator(device=device).manual_seed(seed + 2)
+    started, step, losses = time.monotonic(), 0, []
+    limit_s = config.max_minutes * 60 if config.max_minutes is not None else math.inf
+    while step < config.max_steps and time.monotonic() - started < limit_s:
+        for (x,) in loader:
+            b = int(x.shape[0])
+            mse = math.nan
+            if b:
+                x = _to_float(x).to(device)
+                posterior = inner.encode(x).latent_dist
+                z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=sample_gen,
+                                                                 device=device)
+                per_mse = (inner.decode(z).sample - x).pow(2).mean(dim=(1, 2, 3))
+                m = posterior.mean.flatten(1)
+                moments = m.mean(1).pow(2) + (m.pow(2).mean(1) - 1).pow(2)
+                loss = per_mse + config.kl_weight * posterior.kl() + LATENT_MOMENT_WEIGHT * moments
+                loss.mean().backward()
+                mse = float(per_mse.detach().mean())
+            privacy.after_backward(model, b)
+            optimizer.step()
+            real = privacy.is_real_step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            if b:
+                losses.append(mse)
+            if not real:
+                continue
+            step += 1
+            if say is not None and (step == 1 or step % 50 == 0):
+                say(f"autoencoder step {step}/{config.max_steps} (DP): reconstruction MSE {mse:.4f}")
+            if step >= config.max_steps or time.monotonic() - started >= limit_s:
+                break
+    plain = privacy.unwrap(model)
+    fresh = build_vae_like(plain)
+    return fresh.eval(), _record(step, losses, time.monotonic() - started, config)
+
+
+def build_vae_like(vae: Any) -> Any:
+    """A clean CPU copy of `vae` (no per-sample-gradient hooks or attributes left by a privacy strategy)."""
+    from diffusers import AutoencoderKL
+
+    fresh = AutoencoderKL.from_config(vae.config)
+    fresh.load_state_dict({k: v.detach().to("cpu") for k, v in vae.state_dict().items()})
+    return fresh
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """The latent generator's first half, inside a training run: train (or, on resume, reload) the autoencoder on the
-train split, encode the split to scaled latents and hand the trainer latent data and a UNet config for them.
+train split (with DP in a DP run), or take a public model's frozen one; encode the split to scaled latents and
+hand the trainer latent data and a UNet config for them.
 
 The UNet part of the run is then the ordinary trainer (same loop, EMA, checkpoints, seeds) on `TrainingData`
 whose `images` are float latents; `synth.training._finish` writes the VAE beside the UNet (`vae/`) and the card's
@@ -18,6 +19,7 @@ import torch
 
 from synth.autoencoder import encode_means, fit_latent_scale, scale_latents, train_vae
 from synth.errors import ConfigError, InputError, where
+from synth.generator_kind import LATENT_DP_REFUSAL
 from synth.model import ModelConfig
 from synth.model import preset as model_preset
 from synth.train_config import TrainConfig
@@ -37,62 +39,117 @@ class LatentParts:
 
 
 def prepare_latent(
-    data: TrainingData, config: TrainConfig, *, device: torch.device, ckpt_dir: Path, where_: Path, say: Any = None
+    data: TrainingData, config: TrainConfig, *, device: torch.device, ckpt_dir: Path, where_: Path, say: Any = None,
+    privacy: Any = None,
 ) -> tuple[TrainingData, ModelConfig, LatentParts]:
-    """Autoencoder for the run (trained, or reloaded from `ckpt_dir/vae`), the train split as scaled latents, and
-    the UNet config for them (the preset's network for the latent size class)."""
-    ae = config.autoencoder
+    """Autoencoder for the run, the train split as scaled latents, and the UNet config for them (the preset's
+    network for the latent size class). The autoencoder is, in this order: the frozen one of a latent
+    `config.init_from` model (public pretraining; never retrained here), one trained on the train split with DP
+    (`privacy`, a `LatentPrivacy` strategy: its autoencoder strategy does the DP-SGD), or, without DP, one trained
+    on the train split; trained ones are kept in (and on resume reloaded from) `ckpt_dir/vae`."""
     side = int(data.image["height"])
     if side != int(data.image["width"]):
         raise InputError(where(where_, f"images are {data.image['height']}×{data.image['width']}; the latent "
                                        "generator needs square images"))
-    try:
-        latent_side = ae.latent_size(side)
-    except ConfigError as e:
-        raise ConfigError(where(where_, str(e))) from None
-    run_id = {"autoencoder": ae.model_dump(mode="json"), "dataset": data.dataset_hash, "seed": config.seed}
-    saved = Path(ckpt_dir) / VAE_DIR
-    vae, record = _reload(saved, run_id)
-    if vae is None:
-        vae, record = train_vae(data.images, ae, seed=config.seed + 17, device=device, say=say)
-        means = encode_means(vae, data.images)
-        record["shift_factor"], record["scaling_factor"] = fit_latent_scale(vae, means)
-        _save(vae, record, run_id, saved)
+    public = public_vae_dir(config)
+    if public is not None:
+        vae, record = _load_public(public, data, where_)
     else:
-        means = encode_means(vae, data.images)
-    latents = scale_latents(vae, means).contiguous()
+        vae, record = _trained_vae(data, config, side, device=device, ckpt_dir=ckpt_dir, where_=where_, say=say,
+                                   privacy=privacy)
+    # Post-processing: the latents are the (DP-trained or public) encoder applied to each private image, one image
+    # to one latent, and the UNet's own DP-SGD then covers them like pixels: no more than the encoder's guarantee
+    # (and the UNet's) leaks through them.
+    latents = scale_latents(vae, encode_means(vae, data.images)).contiguous()
     shape = (int(latents.shape[1]), int(latents.shape[2]), int(latents.shape[3]))
-    if shape[1] != latent_side:
-        raise ConfigError(where(where_, f"autoencoder gave {shape[1]}-px latents, expected {latent_side}"))
     try:
-        model_cfg = model_preset(config.preset, sample_size=latent_side, channels=shape[0],
+        model_cfg = model_preset(config.preset, sample_size=shape[1], channels=shape[0],
                                  num_conditions=data.space.num_conditions)
     except (ConfigError, ValueError) as e:
         raise ConfigError(where(where_, f"latent UNet: {str(e).splitlines()[0]}")) from None
     return replace(data, images=latents), model_cfg, LatentParts(vae=vae, record=record, latent_shape=shape)
 
 
-def _reload(saved: Path, run_id: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def public_vae_dir(config: TrainConfig) -> Path | None:
+    """The `vae/` of the latent model training starts from (`train.init_from`), or None (no such model, or a
+    pixel one)."""
+    if config.init_from is None:
+        return None
+    vae = Path(config.init_from) / VAE_DIR
+    return vae if (vae / "config.json").is_file() else None
+
+
+def _load_public(vae_dir: Path, data: TrainingData, where_: Path) -> tuple[Any, dict[str, Any]]:
+    """The public model's autoencoder, frozen, with its own latent scaling (no statistic of the private images is
+    fitted); the record names the public model (the UNet's `init_from` record holds its hash and licence)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir, low_cpu_mem_usage=False).eval().requires_grad_(False)
+    if int(vae.config.in_channels) != int(data.image["channels"]):
+        raise InputError(where(vae_dir, f"autoencoder takes {vae.config.in_channels}-channel images, the dataset "
+                                        f"has {data.image['channels']}"))
+    return vae, {"trained_on": "public", "source": str(vae_dir.parent), "frozen": True,
+                 "latent_scale": "the public model's (no statistic of the private images is fitted)"}
+
+
+def _trained_vae(data: TrainingData, config: TrainConfig, side: int, *, device: torch.device, ckpt_dir: Path,
+                 where_: Path, say: Any, privacy: Any) -> tuple[Any, dict[str, Any]]:
+    """An autoencoder trained on the train split (with DP when `privacy` is given), or reloaded on resume."""
+    ae = config.autoencoder
+    try:
+        ae.latent_size(side)
+    except ConfigError as e:
+        raise ConfigError(where(where_, str(e))) from None
+    ae_privacy = None
+    if privacy is not None:
+        if not getattr(privacy, "can_train_autoencoder", False):  # never a silently non-private autoencoder
+            raise ConfigError(LATENT_DP_REFUSAL)
+        ae_privacy = privacy.autoencoder_strategy()
+    run_id = {"autoencoder": ae.model_dump(mode="json"), "dataset": data.dataset_hash, "seed": config.seed,
+              "dp": ae_privacy is not None}
+    saved = Path(ckpt_dir) / VAE_DIR
+    vae, record, privacy_state = _reload(saved, run_id)
+    if vae is not None:
+        if ae_privacy is not None:
+            ae_privacy.load_state_dict(privacy_state)  # its spend goes into the one ledger again
+        return vae, record
+    vae, record = train_vae(data.images, ae, seed=config.seed + 17, device=device, say=say, privacy=ae_privacy)
+    if ae_privacy is None:
+        record["shift_factor"], record["scaling_factor"] = fit_latent_scale(vae, encode_means(vae, data.images))
+        record["trained_on"] = "train split (on site, non-private)"
+    else:
+        # Fitting shift and scale to the private latents would publish two statistics outside DP-SGD: the DP
+        # encoder was trained to give zero-mean, unit-second-moment latents instead (`train_vae`), scale 1.
+        record.update(shift_factor=0.0, scaling_factor=1.0, trained_on="train split, with DP-SGD",
+                      latent_scale="fixed (shift 0, scale 1): the DP encoder is trained towards unit-moment latents")
+    _save(vae, record, run_id, saved, ae_privacy.state_dict() if ae_privacy is not None else None)
+    return vae, record
+
+
+def _reload(saved: Path, run_id: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
     meta = saved / _VAE_RUN
     if not meta.is_file():
-        return None, {}
+        return None, {}, None
     try:
         stored = json.loads(meta.read_text())
     except (OSError, ValueError):
-        return None, {}
-    if stored.get("run") != run_id:
-        return None, {}
+        return None, {}, None
+    if stored.get("run") != run_id or (run_id.get("dp") and not stored.get("privacy")):
+        return None, {}, None
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(saved, low_cpu_mem_usage=False).eval(), dict(stored.get("record") or {})
+    vae = AutoencoderKL.from_pretrained(saved, low_cpu_mem_usage=False).eval()
+    return vae, dict(stored.get("record") or {}), stored.get("privacy")
 
 
-def _save(vae: Any, record: dict[str, Any], run_id: dict[str, Any], saved: Path) -> None:
+def _save(vae: Any, record: dict[str, Any], run_id: dict[str, Any], saved: Path,
+          privacy_state: dict[str, Any] | None) -> None:
     from synth.artifacts import atomic_dir
 
     with atomic_dir(saved, overwrite=True) as tmp:
         vae.save_pretrained(tmp)
-        (tmp / _VAE_RUN).write_text(json.dumps({"run": run_id, "record": record}, indent=1))
+        (tmp / _VAE_RUN).write_text(json.dumps({"run": run_id, "record": record, "privacy": privacy_state},
+                                               indent=1))
 
 
 def generator_entry(parts: LatentParts | None) -> dict[str, Any]:
@@ -108,6 +165,6 @@ def generator_entry(parts: LatentParts | None) -> dict[str, Any]:
         "downsampling_factor": 2 ** (len(cfg.block_out_channels) - 1),
         "scaling_factor": float(cfg.scaling_factor),
         "shift_factor": float(cfg.shift_factor or 0.0),
-        "autoencoder": {**parts.record, "parameters": int(sum(p.numel() for p in parts.vae.parameters())),
-                        "trained_on": "train split (on site, non-private)"},
+        "autoencoder": {"trained_on": "train split (on site, non-private)", **parts.record,
+                        "parameters": int(sum(p.numel() for p in parts.vae.parameters()))},
     }

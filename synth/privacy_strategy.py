@@ -50,3 +50,20 @@ class PrivacyStrategy(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+@runtime_checkable
+class LatentPrivacy(Protocol):
+    """What a privacy strategy adds so a latent generator may train its autoencoder on the private images (DP-SGD:
+    `privacy.dp.DPStrategy`). Optional: a strategy without it only trains pixel generators, or latent ones whose
+    autoencoder is public (`train.init_from` a latent model trained on public data).
+
+    `can_train_autoencoder` says whether this run may spend part of its budget on the autoencoder;
+    `autoencoder_strategy()` (called once, before `attach`) returns the `PrivacyStrategy` that trains it, whose
+    spend the strategy then composes with its own (one ledger, one ε).
+    """
+
+    @property
+    def can_train_autoencoder(self) -> bool: ...
+
+    def autoencoder_strategy(self) -> PrivacyStrategy: ...

@@ -182,7 +182,7 @@ def _check_request(
         raise InputError(
             where(ckpt_dir, "holds a checkpoint of an interrupted run; pass --resume to continue it, or remove it")
         )
-    check_kind_with_dp(config.kind, private=privacy is not None)
+    check_kind_with_dp(config.kind, private=privacy is not None, private_latent_ok=_private_latent_ok(config, privacy))
     if privacy is None:
         return
     if privacy.noise_multiplicity != config.noise_multiplicity:
@@ -225,14 +225,15 @@ def _setup(
     if world.distributed and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # the launcher picked this rank's GPU
     kind = resolve_kind(config.kind, sample_size=data.image["height"], device=device, preset=config.preset,
-                        private=privacy is not None)
+                        private=privacy is not None, private_latent_ok=_private_latent_ok(config, privacy),
+                        init_kind=_init_kind(config))
     latent = None
     if kind == "latent":
         if world.distributed:
             raise ConfigError(where("train config", "train.kind 'latent' runs in one process; set launch.nproc 1 "
                                                     "or train.kind 'pixel'"))
         data, model_cfg, latent = prepare_latent(data, config, device=device, ckpt_dir=ckpt_dir,
-                                                 where_=dataset_dir, say=stderr_say)
+                                                 where_=dataset_dir, say=stderr_say, privacy=privacy)
     else:
         model_cfg = model_config_for(data, config.preset, where_=dataset_dir)
     seeds = derive_seeds(config.seed)
@@ -290,6 +291,26 @@ def _setup(
     )
 
 
+def _init_kind(config: TrainConfig) -> str | None:
+    """The generator kind of the `train.init_from` model (None without one)."""
+    if config.init_from is None:
+        return None
+    from synth.model_card import load_model_card
+
+    return load_model_card(Path(config.init_from)).generator_kind
+
+
+def _private_latent_ok(config: TrainConfig, privacy: PrivacyStrategy | None) -> bool:
+    """Whether a DP run can train a latent generator: its autoencoder is a public model's (a latent
+    `train.init_from`) or the strategy can train one with DP (`LatentPrivacy`). See synth.generator_kind."""
+    from synth.latent_training import public_vae_dir
+    from synth.privacy_strategy import LatentPrivacy
+
+    if public_vae_dir(config) is not None:
+        return True
+    return isinstance(privacy, LatentPrivacy) and bool(privacy.can_train_autoencoder)
+
+
 def _load_init(unet: nn.Module, config: TrainConfig, model_cfg: Any, data: TrainingData,
                data_dir: Path) -> dict | None:
     """Start from `config.init_from`'s weights (public pretraining), or keep the fresh init (None)."""
@@ -320,6 +341,11 @@ def _finish(run: Run, stop_reason: str) -> None:
     summary = ledger = None
     if privacy is not None:
         ledger = {**privacy.ledger(), "public_pretraining": run.init_from}
+        if run.latent is not None and run.latent.record.get("trained_on") == "public":
+            # The strategy never saw this autoencoder: say which public model it is and that ε does not cover it.
+            ledger["autoencoder"] = {"trained_with": "public", "frozen": True,
+                                     "model": (run.init_from or {}).get("content_hash"),
+                                     "covered_by_epsilon": False}
         summary = privacy_summary(
             epsilon=privacy.epsilon(), ledger=ledger, noise_multiplicity=privacy.noise_multiplicity
         )

@@ -1,5 +1,6 @@
 """The latent generator kind: an autoencoder trained on site, the UNet on its scaled latents, both in the model
-directory; plain diffusers samples it; DP with it is refused; `auto` picks the kind from size, device and DP."""
+directory; plain diffusers samples it; DP without a DP or public autoencoder is refused; `auto` picks the kind
+from size, device, DP and the starting model."""
 
 from __future__ import annotations
 
@@ -34,7 +35,14 @@ def test_auto_kind_follows_size_device_preset_and_dp():
     assert resolve_kind("auto", sample_size=64, device=cpu, preset="small", private=False) == "latent"
     assert resolve_kind("auto", sample_size=128, device=cpu, preset="quality", private=False) == "latent"
     assert resolve_kind("auto", sample_size=128, device=gpu, preset="base", private=False) == "pixel"
+    # With DP: latent only when its autoencoder keeps the guarantee (DP-trained or public), else pixel.
     assert resolve_kind("auto", sample_size=128, device=cpu, preset="small", private=True) == "pixel"
+    assert resolve_kind("auto", sample_size=128, device=cpu, preset="small", private=True,
+                        private_latent_ok=True) == "latent"
+    assert resolve_kind("auto", sample_size=28, device=cpu, preset="small", private=True,
+                        private_latent_ok=True) == "pixel"
+    # Starting from another model: its kind (its UNet only fits there).
+    assert resolve_kind("auto", sample_size=64, device=cpu, preset="small", private=False, init_kind="pixel") == "pixel"
     assert resolve_kind("latent", sample_size=28, device=cpu, preset="tiny", private=False) == "latent"
 
 
@@ -46,24 +54,29 @@ def test_partial_autoencoder_settings_keep_the_presets_other_fields():
         TrainConfig.from_json({"preset": "tiny", "autoencoder": {"block_out_channels": [12, 16]}})
 
 
-def test_latent_with_dp_is_refused_in_one_line(tmp_path, pneumonia_slice):
-    from flows.release_config import ReleaseConfig
-    from synth.config import build
-
-    with pytest.raises(ConfigError) as err:
-        build(ReleaseConfig, {"train": {"preset": "tiny", "kind": "latent"}, "dp": {"enabled": True}},
-              source="release.yaml")
-    assert "train.kind 'latent' cannot be combined with DP" in str(err.value) and "\n" not in str(err.value)
-
+def test_latent_with_dp_is_refused_without_a_dp_or_public_autoencoder(tmp_path, pneumonia_slice):
+    """A strategy that cannot train the autoencoder with DP (no `LatentPrivacy`) and no public autoencoder: the
+    autoencoder would see the private images without a guarantee, so training is refused in one line."""
     from privacy.dp import build_strategy
     from privacy.dp_config import DPConfig
     from synth.training import train
 
-    strategy = build_strategy(DPConfig(target_epsilon=8.0), dataset=pneumonia_slice, noise_multiplicity=1)
-    with pytest.raises(ConfigError, match="cannot be combined with DP"):
+    class PixelOnly:  # the release's DP strategy without the autoencoder part
+        def __init__(self, inner):
+            self._inner = inner
+            self.noise_multiplicity = inner.noise_multiplicity
+
+        def __getattr__(self, name):
+            if name in ("can_train_autoencoder", "autoencoder_strategy"):
+                raise AttributeError(name)
+            return getattr(self._inner, name)
+
+    strategy = PixelOnly(build_strategy(DPConfig(target_epsilon=8.0), dataset=pneumonia_slice, noise_multiplicity=1))
+    with pytest.raises(ConfigError) as err:
         train(pneumonia_slice, tmp_path / "m", TrainConfig(preset="tiny", kind="latent", max_steps=2),
               privacy=strategy, progress=False)
-    assert LATENT_DP_REFUSAL in str(err.value)
+    assert str(err.value) == LATENT_DP_REFUSAL and "\n" not in str(err.value)
+    assert not (tmp_path / "m").exists()
 
 
 def test_model_directory_holds_both_parts_and_records_the_scaling(latent_model, pneumonia_slice):

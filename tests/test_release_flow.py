@@ -390,6 +390,34 @@ def test_latent_release_publishes_decoded_pixels(released):
     assert "latent diffusion" in (result.bundle / "datasheet.md").read_text()
 
 
+def test_latent_dp_release_trains_its_autoencoder_with_dp_and_says_so(released):
+    """A DP release of the latent generator: the autoencoder is DP-trained at its share of ε, the one ledger's ε
+    (both parts composed) passes the gate, and the datasheet and dataset card say the guarantee covers both."""
+    from flows.policy import Policy
+    from flows.release import release
+    from flows.release_config import DPSettings
+
+    tmp, cfg, _ = released
+    train = cfg.train.model_copy(update={"kind": "latent", "max_steps": 8, "autoencoder":
+                                         cfg.train.autoencoder.model_copy(update={"max_steps": 8})})
+    dp_cfg = cfg.model_copy(update={
+        "workdir": tmp / "work-latent-dp", "releases_dir": tmp / "releases-latent-dp", "title": "Latent DP slice",
+        "train": train, "dp": DPSettings(enabled=True, epsilon=8.0, accountant="rdp"),
+        "policy": Policy(require_dp=True, max_epsilon=8.0, max_delta=1e-2, **UTILITY_OFF),
+    })
+    result = release(config=dp_cfg)
+    assert result.status == "published"
+    ledger = json.loads((tmp / "work-latent-dp" / "model" / "privacy_ledger.json").read_text())
+    assert ledger["autoencoder"]["trained_with"] == "dp" and len(ledger["events"]) == 2
+    eps = verify_bundle(result.bundle, load_public_key(tmp / "keys" / "release.pub")).predicate["privacy"]["epsilon"]
+    assert eps == pytest.approx(ledger["epsilon"]) and eps <= 8.0
+    for doc in ("datasheet.md", "README.md"):
+        text = (result.bundle / doc).read_text()
+        assert "autoencoder was trained with DP-SGD on the same private images, with 20% of the target ε" in text
+        assert "the guarantee covers both parts" in text
+    assert "AutoencoderKL trained with DP-SGD" in (result.bundle / "datasheet.md").read_text()
+
+
 def _same_bytes(a, b, names):
     return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
