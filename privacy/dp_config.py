@@ -33,9 +33,10 @@ _REFUSED_MODES = {
     "ghost": "needs a per-row loss and clips B×K rows separately, so noise multiplicity cannot be folded",
 }
 _CFG = "DP config"
-# Measured (benchmarks/README.md "Latent diffusion", DP autoencoder): the autoencoder's reconstruction barely
-# degrades as its ε shrinks, while the UNet's samples need every bit of ε they get (issue 15), so the
-# autoencoder gets a small share. Composition is sub-additive, so the UNet keeps more than 1 - share of ε.
+# A reasoned default, not yet a measured one (benchmarks/README.md "DP autoencoder": the comparison did not finish
+# on the shared cores): reconstruction is an easier, lower-dimensional target than denoising, and the UNet's
+# samples already lose their class signal at ε = 10 (issue 15), so the autoencoder gets a small share. Composition
+# is sub-additive, so the UNet keeps more than 1 - share of ε. Run benchmarks/bench_dp_autoencoder.py to revisit.
 AUTOENCODER_SHARE = 0.2
 _K_MOVED = "is a training setting (train: noise_multiplicity, or --noise-multiplicity), not a DP one"
 
