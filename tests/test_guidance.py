@@ -46,7 +46,7 @@ def test_selection_scores_every_candidate_on_val_never_test(pneumonia_slice: Pat
         return split(self, name)
 
     monkeypatch.setattr(Dataset, "split", spy)
-    cfg = GuidanceSelectionConfig(candidates=(1.0, 2.0), per_class=10,
+    cfg = GuidanceSelectionConfig(candidates=(1.0, 2.0), extend=(), per_class=10,
                                   classifier=ClassifierConfig(epochs=1, width=4, batch_size=16, threads=1,
                                                                min_steps=None))
     out = select_guidance(pneumonia_slice, model, tmp_path / "guidance", sampler="ddim-2", config=cfg,
@@ -76,3 +76,36 @@ def test_release_config_takes_auto_or_a_scale_in_range() -> None:
             ReleaseConfig.model_validate({"generate": {"guidance_scale": bad}})
     with pytest.raises(ValidationError, match="guidance scales must be in"):
         ReleaseConfig.model_validate({"generate": {"guidance_selection": {"candidates": [1, 99]}}})
+
+
+def test_larger_scales_are_tried_only_while_the_largest_wins(pneumonia_slice: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose validation score still rises at the grid's edge gets the next `extend` scale; one whose best
+    scale is inside the grid costs no extra candidate."""
+    import reports.guidance as guidance
+
+    torch.set_num_threads(1)
+    model = make_model_dir(tmp_path / "model", condition_counts=[32, 32])
+    cfg = GuidanceSelectionConfig(candidates=(1.0, 2.0), extend=(3.0, 5.0), per_class=10)
+    assert cfg.extension({1.0: _s(0.6, 0.5), 2.0: _s(0.7, 0.6)}) == 3.0
+    assert cfg.extension({1.0: _s(0.7, 0.6), 2.0: _s(0.6, 0.5)}) is None
+    assert cfg.extension({1.0: _s(0.6, 0.5), 2.0: _s(0.7, 0.6), 3.0: _s(0.8, 0.7), 5.0: _s(0.9, 0.8)}) is None
+
+    def run(rising: bool, out: Path) -> dict:
+        calls: list[int] = []
+
+        def fake(images, labels, *_args):  # the score rises (or falls) with each candidate tried, in order
+            calls.append(len(images))
+            ba = 0.5 + 0.1 * len(calls) if rising else 0.9 - 0.1 * len(calls)
+            return {**_s(ba, ba - 0.1), "worst_class": "normal", "auroc": ba}
+
+        monkeypatch.setattr(guidance, "_score", fake)
+        return read_guidance(select_guidance(pneumonia_slice, model, out, sampler="ddim-2", config=cfg,
+                                             device="cpu"))
+
+    rising = run(True, tmp_path / "rising")
+    assert [c["guidance_scale"] for c in rising["candidates"]] == [1.0, 2.0, 3.0, 5.0]
+    assert rising["guidance_scale"] == 5.0 and rising["config"]["extend"] == [3.0, 5.0]
+    falling = run(False, tmp_path / "falling")
+    assert [c["guidance_scale"] for c in falling["candidates"]] == [1.0, 2.0]
+    assert falling["guidance_scale"] == 1.0

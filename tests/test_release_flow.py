@@ -55,7 +55,7 @@ def small_config(tmp, source, **updates):
         "train": {"preset": "tiny", "max_steps": 24, "checkpoint_every": 8, "batch_size": 32},
         # guidance_scale "auto" (the default): chosen on real val from two candidates, with a 1-epoch classifier.
         "generate": {"n": 48, "batch_size": 48, "steps": 8,
-                     "guidance_selection": {"candidates": [1.0, 2.0], "per_class": 10,
+                     "guidance_selection": {"candidates": [1.0, 2.0], "extend": [], "per_class": 10,
                                             "classifier": {"epochs": 1, "min_steps": None, "threads": 1}}},
         "privacy_audit": {"encoder": {"steps": 20, "batch_size": 64}},
         "utility_audit": {"classifier": {"epochs": 1, "threads": 1, "min_steps": None}, "n_boot": 50, "ratios": [1.0],
