@@ -182,7 +182,8 @@ def prepare_reference(
             "index": "candidates",
             "candidates_per_query": int(h_cands.shape[1]),
             "from": list(spaces),
-            "max_shift_px": config.registration.max_shift_px,
+            "max_shift_px": config.registration.max_shift_px,  # in view pixels: × pool_factor at full resolution
+            "pool_factor": config.registration.pool_factor(*train.spec[:2]),
             "scales": list(config.registration.scales),
             "flips": config.registration.flips,
         }

@@ -6,6 +6,14 @@ synthetic image (integer shift up to `max_shift_px`, mirror, zoom-out by each of
 on a central window (both lightly blurred, σ = 0.7 px, to forgive a resized copy's interpolation). A 2-px shifted
 or cropped copy, far away in raw pixels, comes back at ~0 here. Distances are those of unit vectors, as in
 `privacy.search.to_distance`.
+
+Resolution. Shifts, window and blur are measured in pixels of a *registration view* about `view_side` pixels on a
+side: images whose shorter side is at least twice `view_side` are area-pooled by `pool_factor` (64 px by 2, 128 px
+by 4), so the search covers the same share of the image at every size (a 24/28 crop-resize moves the content by
+up to 1/14 of the side: ±2 px at 28 px, ±9 px at 128 px) and costs about the same; smaller images (28 px) are
+compared as they are, exactly as before pooling existed. Each query is pooled at every pooling phase (offsets
+−f/2..f/2−1 full-resolution pixels in each direction), so the alignment is still found to the full-resolution
+pixel: a pooled view alone would leave a copy shifted by 2 of 128 px half a view pixel off.
 """
 
 from __future__ import annotations
@@ -24,13 +32,16 @@ class RegistrationConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    # Largest shift searched, in view pixels (× `pool_factor` full-resolution pixels).
     max_shift_px: int = Field(3, ge=0)
     # Zoom-outs applied to the synthetic image to undo a crop-resize (1.16 undoes cropping 28 → 24 px).
     scales: tuple[float, ...] = (1.0, 1.08, 1.16, 1.24)
     flips: bool = True
-    # Gaussian blur (σ in pixels) of both sides before correlating: forgives the interpolation blur and sub-pixel
-    # misfit of a resized copy. 0 = none.
+    # Gaussian blur (σ in view pixels) of both sides before correlating: forgives the interpolation blur and
+    # sub-pixel misfit of a resized copy. 0 = none.
     blur_sigma: float = Field(0.7, ge=0.0, le=3.0)
+    # Side of the registration view: images with a shorter side >= 2 × this are area-pooled to about it.
+    view_side: int = Field(32, ge=8)
     candidates: int = Field(5, ge=1)  # nearest candidates taken from each faiss space (and query view)
     chunk: int = Field(256, ge=1)
 
@@ -41,6 +52,9 @@ class RegistrationConfig(BaseModel):
             raise ValueError(f"scales must be a non-empty list of zoom factors in [1, 2], got {list(v)}")
         return tuple(v)
 
+    def pool_factor(self, h: int, w: int) -> int:
+        """Area-pooling factor from h×w images to the registration view (1: compared as they are)."""
+        return max(1, min(h, w) // self.view_side)
 
 
 def _float_images(images: np.ndarray):
@@ -55,7 +69,9 @@ def _window(h: int, w: int, r: int) -> tuple[int, int]:
     # One pixel of margin beyond the largest shift keeps every shifted window inside the image.
     wh, ww = h - 2 * r - 2, w - 2 * r - 2
     if min(wh, ww) < 8:
-        raise ConfigError(f"registration: max_shift_px {r} leaves a {wh}×{ww} window on {h}×{w} images (< 8)")
+        raise ConfigError(
+            f"registration: max_shift_px {r} leaves a {wh}×{ww} window on the {h}×{w} registration view (< 8)"
+        )
     return wh, ww
 
 
@@ -75,9 +91,17 @@ def _blur(x, sigma: float):
     return F.conv2d(x, g.view(1, 1, -1, 1).expand(c, 1, -1, 1).contiguous(), groups=c)
 
 
-def _center_windows(images: np.ndarray, r: int, sigma: float = 0.0):
-    """Zero-mean unit-norm central windows (N, C, wh, ww) of candidate (training) images."""
-    x = _blur(_float_images(images), sigma)
+def _pool(x, f: int):
+    """Area-pool N×C×H×W by `f` (a trailing remainder of H or W under `f` pixels is dropped)."""
+    import torch.nn.functional as F
+
+    return x if f == 1 else F.avg_pool2d(x, f)
+
+
+def _center_windows(images: np.ndarray, r: int, sigma: float = 0.0, pool: int = 1):
+    """Zero-mean unit-norm central windows (N, C, wh, ww) of candidate (training) images, in the view pooled by
+    `pool`."""
+    x = _pool(_blur(_float_images(images), sigma * pool), pool)
     _, _, h, w = x.shape
     wh, ww = _window(h, w, r)
     oy, ox = (h - wh) // 2, (w - ww) // 2
@@ -87,29 +111,53 @@ def _center_windows(images: np.ndarray, r: int, sigma: float = 0.0):
     return (win / norm.clamp_min(1e-6)) * (norm > 1e-6)
 
 
-def _query_regions(images: np.ndarray, cfg: RegistrationConfig):
-    """Each query's versions (mirror × zoom-out), cropped to the region its shifted windows cover:
-    (B, V, C, wh + 2r, ww + 2r)."""
+def _phases(x, f: int):
+    """The f² pooling phases of N×C×H×W: (N, f², C, H // f, W // f), phase (py, px) pooling the image shifted by
+    (py − f//2, px − f//2) full-resolution pixels (edge-replicated), so that view shifts of s pixels and the
+    phases together reach every full-resolution shift in [−(r + 1/2)·f, (r + 1/2)·f)."""
     import torch
     import torch.nn.functional as F
 
-    x = _blur(_float_images(images), cfg.blur_sigma)
+    if f == 1:
+        return x.unsqueeze(1)
+    h, w = x.shape[-2:]
+    lo, hi = f // 2, f - 1 - f // 2
+    # One box filter at stride 1; each phase is then a strided slice of it.
+    box = F.avg_pool2d(F.pad(x, (lo, hi + f - 1, lo, hi + f - 1), mode="replicate"), f, stride=1)
+    hv, wv = h // f, w // f
+    return torch.stack(
+        [box[:, :, py : py + hv * f : f, px : px + wv * f : f] for py in range(f) for px in range(f)], 1
+    )
+
+
+def _query_regions(images: np.ndarray, cfg: RegistrationConfig):
+    """Each query's versions (mirror × zoom-out × pooling phase), in the registration view, cropped to the region
+    its shifted windows cover: (B, V, C, wh + 2r, ww + 2r)."""
+    import torch
+    import torch.nn.functional as F
+
+    x = _float_images(images)
     b, c, h, w = x.shape
+    f = cfg.pool_factor(h, w)
+    # Blurred at full resolution (σ in view pixels), before the zoom: at pool factor 1 exactly as before pooling.
+    x = _blur(x, cfg.blur_sigma * f)
     r = cfg.max_shift_px
-    wh, ww = _window(h, w, r)
     versions = []
     for flip in (False, True) if cfg.flips else (False,):
         xf = x.flip(-1) if flip else x
         for s in cfg.scales:
             if s == 1.0:
-                versions.append(xf)
+                versions.append(_phases(xf, f))
                 continue
             # Sampling a region s× larger than the image (border-padded) zooms the content out by 1/s.
             theta = torch.tensor([[s, 0.0, 0.0], [0.0, s, 0.0]]).expand(b, 2, 3)
             grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
-            versions.append(F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False))
-    v = torch.stack(versions, 1)
-    oy, ox = (h - wh) // 2, (w - ww) // 2
+            zoomed = F.grid_sample(xf, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            versions.append(_phases(zoomed, f))
+    v = torch.cat(versions, 1)
+    hv, wv = v.shape[-2:]
+    wh, ww = _window(hv, wv, r)
+    oy, ox = (hv - wh) // 2, (wv - ww) // 2
     return v[:, :, :, oy - r : oy + wh + r, ox - r : ox + ww + r]
 
 
@@ -133,7 +181,8 @@ def registered_distances(
     """For each query image, the best candidate training image after alignment: (distance, training row).
 
     The distance is that of unit vectors at the best normalised cross-correlation between the query's aligned
-    central windows (all shifts up to `max_shift_px`, mirror, zoom-outs) and the candidate's central window. The
+    central windows (all shifts up to `max_shift_px` view pixels at every pooling phase, mirror, zoom-outs) and
+    the candidate's central window, both in the registration view. The
     correlations of all shifts come from one grouped `conv2d` per chunk (each query's candidates are its kernels).
     """
     import torch
@@ -150,7 +199,9 @@ def registered_distances(
     k = candidates.shape[1]
     with torch.no_grad():
         # only the candidates' windows
-        cand_win = _center_windows(np.asarray(train[needed]), cfg.max_shift_px, cfg.blur_sigma)
+        h, w = np.shape(train)[1:3]
+        cand_win = _center_windows(np.asarray(train[needed]), cfg.max_shift_px, cfg.blur_sigma,
+                                   cfg.pool_factor(h, w))
         _, c, wh, ww = cand_win.shape
         for lo in range(0, n, cfg.chunk):
             hi = min(n, lo + cfg.chunk)
