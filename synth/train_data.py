@@ -164,6 +164,9 @@ def make_loader(data: TrainingData, config: TrainConfig, generator: torch.Genera
     every class, not the data's class prior."""
     dataset = ImageConditionDataset(data.images, data.conditions)
     sampler = None
+    if config.class_balance == "auto":
+        raise ConfigError("train config: class_balance 'auto' reached the loader unresolved "
+                          "(synth.train_config.resolve_class_balance)")
     if config.class_balance > 0:
         labels = data.space.labels_of(data.conditions.numpy())
         sampler = torch.utils.data.WeightedRandomSampler(

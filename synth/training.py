@@ -54,7 +54,7 @@ from synth.latent_training import generator_entry, prepare_latent
 from synth.model import build_unet
 from synth.model_dir import privacy_summary, write_model_dir
 from synth.privacy_strategy import PrivacyStrategy
-from synth.train_config import TrainConfig
+from synth.train_config import TrainConfig, resolve_class_balance
 from synth.train_data import (
     MAX_ATTRIBUTE_VALUES,
     MAX_CONDITIONS,
@@ -115,6 +115,7 @@ def train(
     so in the release flow (training in a worker thread beside the privacy reference, which trains its encoder on
     one thread) training silently ran on 1 of the 2 cores, at half speed.
     """
+    config = resolve_class_balance(config, private=privacy is not None)
     previous = torch.get_num_threads()
     torch.set_num_threads(cpu_threads(config))
     try:
@@ -196,7 +197,7 @@ def _check_request(
     if config.class_balance:
         raise ConfigError(
             where("train config", f"class_balance {config.class_balance} needs non-private training: DP-SGD's "
-                                  "accounting assumes uniform Poisson sampling; set it to 0 with DP")
+                                  "accounting assumes uniform Poisson sampling; set it to 0 or auto with DP")
         )
     if config.epochs is None and config.max_steps is None:
         raise ConfigError(

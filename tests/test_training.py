@@ -666,3 +666,21 @@ def test_class_balanced_training_resumes_exactly_and_refuses_dp(pneumonia_slice:
     assert_same_weights(out, full)
     with pytest.raises(ConfigError, match=r"class_balance 1\.0 needs non-private"):
         train(pneumonia_slice, tmp_path / "dp", cfg(class_balance=1.0), privacy=FakeStrategy(), progress=False)
+
+
+def test_class_balance_auto_is_one_without_dp_and_zero_with_it(pneumonia_slice: Path, tmp_path: Path) -> None:
+    from synth.train_config import resolve_class_balance
+
+    # The CPU presets balance by default (measured: benchmarks/README.md); tiny keeps the data's order for tests.
+    assert TrainConfig(preset="small").class_balance == "auto" and TrainConfig(preset="tiny").class_balance == 0
+    small = TrainConfig(preset="small")
+    assert resolve_class_balance(small, private=False).class_balance == 1.0
+    assert resolve_class_balance(small, private=True).class_balance == 0.0
+    assert resolve_class_balance(cfg(class_balance=0.5), private=False).class_balance == 0.5
+    with pytest.raises(ValueError, match="class_balance"):
+        TrainConfig(preset="small", class_balance="sometimes")
+    # The model card records what was used: "auto" with a DP strategy trains unbalanced, without it balanced.
+    dp = train(pneumonia_slice, tmp_path / "dp", cfg(class_balance="auto"), privacy=FakeStrategy(), progress=False)
+    assert card(dp)["config"]["train"]["class_balance"] == 0.0
+    plain = train(pneumonia_slice, tmp_path / "plain", cfg(class_balance="auto"), progress=False)
+    assert card(plain)["config"]["train"]["class_balance"] == 1.0
