@@ -255,7 +255,8 @@ class Encoder:
 
     def _fused(self, x):
         """The eval-mode network with each batch norm folded into the layer before it (same outputs to float
-        rounding, ~30% faster on CPU); the identity 4×4 pool is skipped when the map is already 4×4."""
+        rounding, ~30% faster on CPU); the identity 4×4 pool is skipped when the map is already 4×4. The input
+        pool (64/128 px → the 32-px view the encoder was trained on) comes first, as in `forward`."""
         import torch
         from torch import nn
         from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
@@ -265,9 +266,10 @@ class Encoder:
             convs = [fuse_conv_bn_eval(f[i], f[i + 1]) for i in (0, 3, 6)]
             features = nn.Sequential(convs[0], nn.ReLU(), convs[1], nn.ReLU(), convs[2], nn.ReLU()).eval()
             head = nn.Sequential(fuse_linear_bn_eval(h[1], h[2]), nn.ReLU(), h[4]).eval()
-            pool = f[9]
+            pool, input_pool_ = f[9], self.net.pool
 
             def run(x: torch.Tensor) -> torch.Tensor:
+                x = input_pool_(x)
                 mean = x.mean(dim=(1, 2, 3), keepdim=True)
                 std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
                 z = features((x - mean) / std)
