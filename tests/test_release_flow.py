@@ -347,12 +347,15 @@ def test_dp_release_with_public_pretraining_documents_what_the_guarantee_covers(
     """`public_pretraining:` through the Prefect flow: the public model is a cached stage, training starts from it
     with DP, and the published datasheet and dataset card say the guarantee covers the private data only."""
     from flows.release import release
-    from flows.release_config import DPSettings
+    from flows.release_config import DPAuditSettings, DPSettings
 
     tmp, cfg, _ = released
     pre_cfg = cfg.model_copy(update={
         "workdir": tmp / "work-public", "releases_dir": tmp / "releases-public", "title": "DP slice, pretrained",
         "dp": DPSettings(enabled=True, epsilon=8.0, accountant="rdp"),
+        # The canary audit is tested in test_dp_release_carries_a_checked_epsilon; here it would only cost time.
+        "dp_audit": DPAuditSettings(enabled=False),
+        "policy": cfg.policy.model_copy(update={"require_dp_audit": False}),
     })
     pre_cfg = type(cfg).model_validate({**pre_cfg.model_dump(), "public_pretraining": {
         "source": {"path": str(data_dir / "covid_cxr_128.npz"), "size": 28},
@@ -395,7 +398,7 @@ def test_latent_dp_release_trains_its_autoencoder_with_dp_and_says_so(released):
     (both parts composed) passes the gate, and the datasheet and dataset card say the guarantee covers both."""
     from flows.policy import Policy
     from flows.release import release
-    from flows.release_config import DPSettings
+    from flows.release_config import DPAuditSettings, DPSettings
 
     tmp, cfg, _ = released
     train = cfg.train.model_copy(update={"kind": "latent", "max_steps": 8, "autoencoder":
@@ -403,7 +406,8 @@ def test_latent_dp_release_trains_its_autoencoder_with_dp_and_says_so(released):
     dp_cfg = cfg.model_copy(update={
         "workdir": tmp / "work-latent-dp", "releases_dir": tmp / "releases-latent-dp", "title": "Latent DP slice",
         "train": train, "dp": DPSettings(enabled=True, epsilon=8.0, accountant="rdp"),
-        "policy": Policy(require_dp=True, max_epsilon=8.0, max_delta=1e-2, **UTILITY_OFF),
+        "dp_audit": DPAuditSettings(enabled=False),  # tested in test_dp_release_carries_a_checked_epsilon
+        "policy": Policy(require_dp=True, max_epsilon=8.0, max_delta=1e-2, require_dp_audit=False, **UTILITY_OFF),
     })
     result = release(config=dp_cfg)
     assert result.status == "published"
