@@ -244,7 +244,7 @@ def test_intensity_statistics_and_problems():
 # --- shipped samplers against real data, on a briefly trained model -----------------------------------------
 
 N_SAMPLES = 48
-TRAIN_STEPS = 300
+TRAIN_STEPS = 200
 
 
 @pytest.fixture(scope="session")
