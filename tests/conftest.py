@@ -34,6 +34,16 @@ def pneumonia_npz(data_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def kermany_128(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The first 200 train and 40 test images of kermany_cxr_128.npz (128×128 uint8): the 128-px copy-check tests."""
+    path = data_dir / "kermany_cxr_128.npz"
+    if not path.is_file():
+        pytest.fail(f"kermany_cxr_128.npz not found in {data_dir}; set SYNTHGATE_DATA_DIR")
+    with np.load(path) as d:
+        return d["train_images"][:200], d["test_images"][:40]
+
+
+@pytest.fixture(scope="session")
 def pneumonia_dataset(tmp_path_factory: pytest.TempPathFactory, pneumonia_npz: Path) -> Path:
     """The whole real PneumoniaMNIST as a canonical dataset (default duplicate policy). Read-only."""
     out = tmp_path_factory.mktemp("pneumonia") / "dataset"

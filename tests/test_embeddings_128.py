@@ -17,12 +17,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def kermany(data_dir):
-    path = data_dir / "kermany_cxr_128.npz"
-    if not path.is_file():
-        pytest.fail(f"kermany_cxr_128.npz not found in {data_dir}; set SYNTHGATE_DATA_DIR")
-    with np.load(path) as d:
-        return d["train_images"][:200]
+def kermany(kermany_128):
+    return kermany_128[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,8 @@ from tests.planted import apply_transform
 
 
 @pytest.fixture(scope="module")
-def kermany(data_dir):
-    path = data_dir / "kermany_cxr_128.npz"
-    if not path.is_file():
-        pytest.fail(f"kermany_cxr_128.npz not found in {data_dir}; set SYNTHGATE_DATA_DIR")
-    with np.load(path) as d:
-        return d["train_images"][:200], d["test_images"][:40]
+def kermany(kermany_128):
+    return kermany_128
 
 
 def _nearest(queries: np.ndarray, train: np.ndarray, k: int) -> np.ndarray:
