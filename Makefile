@@ -26,9 +26,16 @@ setup: $(STAMP)
 lint: setup
 	$(BIN)/ruff check .
 
+# Two pytest workers (CI has 2 cores), one torch thread each: two multi-threaded torch processes on the same cores
+# ran 20-60x slower (OpenMP threads spinning). loadscope keeps a module's tests, and its fixtures, on one worker.
+# (Exported per target, not as a command prefix: a prefix makes make run the line through sh, and the shell
+# completion test then sees sh as its shell.)
+TEST_WORKERS ?= 2
+test: export OMP_NUM_THREADS = 1
+test: export MKL_NUM_THREADS = 1
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=15
 
 # The whole release flow on PneumoniaMNIST with examples/release.yaml (CPU demo settings, the example publisher
 # and contact) and auto-approval. Stage artifacts in $(DEMO_OUT)/work are cached by content hash, so a rerun

@@ -88,9 +88,13 @@ def _check_out(out: Path) -> None:
 
 
 def cpu_threads(config: TrainConfig) -> int:
-    """Torch threads for training: the configured count, else every core this process may run on."""
+    """Torch threads for training: the configured count, else OMP_NUM_THREADS when set (the convention a test
+    runner or a batch scheduler sharing the cores uses), else every core this process may run on."""
     if config.threads is not None:
         return config.threads
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) >= 1:
+        return int(omp)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux

@@ -624,6 +624,18 @@ def test_training_sets_its_own_thread_count(pneumonia_slice: Path, tmp_path: Pat
     assert cpu_threads(TrainConfig(preset="tiny")) >= 1
 
 
+def test_thread_default_follows_omp_num_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes sharing the cores (test workers, a batch scheduler) say so with OMP_NUM_THREADS; training then
+    must not take every core (two 2-thread torch jobs on 2 cores ran 20-60x slower)."""
+    from synth.training import cpu_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads(TrainConfig(preset="tiny")) == 1
+    assert cpu_threads(TrainConfig(preset="tiny", threads=3)) == 3  # an explicit count wins
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_threads(TrainConfig(preset="tiny")) == len(os.sched_getaffinity(0))
+
+
 # -- class-balanced batches ----------------------------------------------------------------------------------
 
 
