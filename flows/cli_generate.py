@@ -64,7 +64,9 @@ def register(app: typer.Typer) -> None:
         shard_index: int = typer.Option(0, "--shard-index", help="Which shard this run generates (0-based)."),
         shard_count: int = typer.Option(1, "--shard-count", help="How many shards the run is split into."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:0, mps."),
-        weights: str = typer.Option("ema", "--weights", help="ema (default) or raw."),
+        weights: str = typer.Option(
+            "ema", "--weights", help="ema (default), raw, or ema@STEP (an EMA snapshot the model kept)."
+        ),
         progress: bool = typer.Option(
             True, "--progress/--no-progress", help="Show progress: a bar on a terminal, else throttled lines on stderr."
         ),
@@ -80,8 +82,8 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"--shard-index {shard_index} is outside 0..{shard_count - 1}")
         if batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-        if weights not in ("ema", "raw"):
-            raise InputError(f"--weights must be ema or raw, got {weights!r}")
+        if weights not in ("ema", "raw") and not (weights.startswith("ema@") and weights[4:].isdigit()):
+            raise InputError(f"--weights must be ema, raw or ema@STEP, got {weights!r}")
         if balance not in ("prior", "uniform"):
             raise InputError(f"--balance must be uniform or prior, got {balance!r}")
         counts = parse_per_class(per_class) if per_class is not None else None

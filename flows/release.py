@@ -186,12 +186,14 @@ def release_pipeline(cfg: ReleaseConfig) -> AuditedRun:
     # The canary check of a DP release's implementation (None otherwise): its own DP run, beside the generator's.
     dp_audit = dp_audit_task.submit(cfg, dataset)
     model = train_task(with_init_from(cfg, public_model), dataset)
-    generation = guidance_task(cfg, dataset, model)  # the config with the guidance scale fixed
+    generation = guidance_task(cfg, dataset, model)  # the config with the guidance scale and weights fixed
     parts = generate_shard_task.map(unmapped(generation), unmapped(model), range(shards), unmapped(shards))
     synthetic = merge_synthetic_task(generation, model, parts.result())
     searched = memorization_shard_task.map(unmapped(cfg), unmapped(reference.result()), unmapped(synthetic),
                                            range(shards), unmapped(shards))
-    privacy_dir, released = privacy_audit_task(cfg, dataset, synthetic, model, reference.result(), searched.result())
+    # `generation`: membership inference attacks the weights that generated the release.
+    privacy_dir, released = privacy_audit_task(generation, dataset, synthetic, model, reference.result(),
+                                               searched.result())
     names = stages.utility_jobs(cfg, dataset, released)
     jobs = utility_job_task.map(unmapped(cfg), unmapped(dataset), unmapped(released), names)
     utility_dir = utility_audit_task(cfg, dataset, released, dict(zip(names, jobs.result(), strict=True)))

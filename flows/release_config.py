@@ -87,6 +87,11 @@ class GenerateSettings(BaseModel):
                             "(reports/guidance.py); none: the sampler's (1)")
     guidance_selection: dict[str, Any] = Field(default_factory=dict,
                                                description="GuidanceSelectionConfig fields (guidance_scale: auto)")
+    weights: str = Field(
+        "auto", pattern=r"^(auto|ema|raw|ema@[1-9][0-9]*)$",
+        description="which weights generate: auto (default): with guidance_scale auto, chosen with the scale on "
+                    "the real validation split among the final EMA weights and the EMA snapshots the model kept "
+                    "(train.snapshot_every), else the final EMA weights; ema; raw; ema@STEP (a kept snapshot)")
     batch_size: int = Field(64, ge=1)
     seed: int = Field(0, ge=0)
 

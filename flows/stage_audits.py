@@ -54,6 +54,15 @@ def memorization_shard_stage(cfg: ReleaseConfig, reference: Path, synthetic: Pat
     )
 
 
+def attacking_generation_weights(audit_cfg: Any, cfg: ReleaseConfig) -> Any:
+    """`audit_cfg` with membership inference aimed at the weights that generated the release (`generate.weights`
+    as chosen by `guidance_stage`: an EMA snapshot, say), not at the final ones."""
+    if audit_cfg.membership is None or cfg.generate.weights in ("auto", "ema"):
+        return audit_cfg
+    membership = audit_cfg.membership.model_copy(update={"weights": cfg.generate.weights})
+    return audit_cfg.model_copy(update={"membership": membership})
+
+
 def privacy_audit_stage(cfg: ReleaseConfig, dataset: Path, synthetic: Path, model: Path, *,
                         reference: Path | None = None, shards: Sequence[Path] | None = None) -> tuple[Path, Path]:
     """Memorization (merged from its shards when given), disclosure, the DP ledger check and membership
@@ -61,7 +70,7 @@ def privacy_audit_stage(cfg: ReleaseConfig, dataset: Path, synthetic: Path, mode
     k-anonymity suppression when `filter_flagged`)."""
     from privacy.audit import audit_privacy
 
-    audit_cfg = _privacy_audit_config(cfg)
+    audit_cfg = attacking_generation_weights(_privacy_audit_config(cfg), cfg)
     released = cfg.workdir / RELEASED
     inputs = {"dataset": artifact_hash(dataset), "synthetic": artifact_hash(synthetic), "model": artifact_hash(model)}
     if reference is not None:

@@ -63,24 +63,33 @@ def _generation_config(cfg: ReleaseConfig) -> dict[str, Any]:
 
 
 def guidance_stage(cfg: ReleaseConfig, dataset: Path, model: Path) -> ReleaseConfig:
-    """The config with its guidance scale fixed: as given, or (`guidance_scale: auto`) chosen on the real
-    validation split for the utility the gate judges (`reports/guidance.py`)."""
+    """The config with its guidance scale and weights fixed: as given, or (`guidance_scale: auto`) chosen on the
+    real validation split for the utility the gate judges (`reports/guidance.py`): the scale, and with `weights:
+    auto` also which of the model's kept EMA snapshots or its final EMA weights generate."""
     g = cfg.generate
     if g.guidance_scale != "auto":
-        return cfg
+        return cfg.model_copy(update={"generate": g.model_copy(update={"weights": resolved_weights(g.weights)})})
     from reports.guidance import GuidanceSelectionConfig, load_guidance, select_guidance
 
     selection = build_config(GuidanceSelectionConfig, g.guidance_selection, "generate.guidance_selection")
     sampler = _generation_config(cfg)["sampler"]
+    offered = None if g.weights == "auto" else [g.weights]
     out = run_stage(
         cfg.workdir, GUIDANCE, inputs={"dataset": artifact_hash(dataset), "model": artifact_hash(model)},
         config={"selection": selection.model_dump(mode="json"), "sampler": sampler, "steps": g.steps,
-                "batch_size": g.batch_size},
+                "batch_size": g.batch_size, "weights": g.weights},
         build=lambda out: select_guidance(dataset, model, out, sampler=sampler, steps=g.steps, config=selection,
-                                          device=cfg.device, batch_size=g.batch_size, progress=print),
+                                          device=cfg.device, batch_size=g.batch_size, weights=offered,
+                                          progress=print),
     )
-    chosen = load_guidance(out).guidance_scale
-    return cfg.model_copy(update={"generate": g.model_copy(update={"guidance_scale": chosen})})
+    chosen = load_guidance(out)
+    return cfg.model_copy(update={"generate": g.model_copy(update={"guidance_scale": chosen.guidance_scale,
+                                                                   "weights": chosen.weights})})
+
+
+def resolved_weights(weights: str) -> str:
+    """The weights generation uses when none were chosen on val: `auto` means the final EMA weights."""
+    return "ema" if weights == "auto" else weights
 
 
 def guidance_facts(cfg: ReleaseConfig) -> dict[str, Any] | None:
@@ -98,9 +107,10 @@ def generate_stage(cfg: ReleaseConfig, model: Path, *, shard_index: int = 0, sha
     from synth.generate import generate
 
     g, config = cfg.generate, _generation_config(cfg)
-    if g.guidance_scale == "auto":
-        raise ConfigError("generate.guidance_scale is 'auto': pass the config returned by guidance_stage, which "
-                          "holds the chosen scale")
+    for name in ("guidance_scale", "weights"):
+        if getattr(g, name) == "auto":
+            raise ConfigError(f"generate.{name} is 'auto': pass the config returned by guidance_stage, which "
+                              "holds the chosen scale and weights")
     name = SYNTHETIC if shard_count == 1 else shard_name(SYNTHETIC, shard_index, shard_count)
     return run_stage(
         cfg.workdir, name, inputs={"model": artifact_hash(model)},
@@ -108,7 +118,7 @@ def generate_stage(cfg: ReleaseConfig, model: Path, *, shard_index: int = 0, sha
         build=lambda out: generate(
             model, out, n=None if g.per_class else g.n, per_class=g.per_class, balance=g.balance,
             sampler=config["sampler"],
-            steps=g.steps, guidance_scale=g.guidance_scale, batch_size=g.batch_size, seed=g.seed,
+            steps=g.steps, guidance_scale=g.guidance_scale, batch_size=g.batch_size, seed=g.seed, weights=g.weights,
             shard_index=shard_index, shard_count=shard_count, device=cfg.device,
             progress=interactive() and shard_count == 1,
         ),

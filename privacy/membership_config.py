@@ -19,7 +19,8 @@ class MembershipConfig(BaseModel):
 
     n: int = Field(256, ge=MIN_PER_SIDE)  # members, and as many non-members (fewer when the data has fewer)
     seed: int = Field(0, ge=0)
-    weights: Literal["ema", "raw"] = "ema"
+    # The weights generation used: "ema", "raw" or "ema@STEP" (a kept EMA snapshot the release chose on val).
+    weights: str = Field("ema", pattern=r"^(ema|raw|ema@[1-9][0-9]*)$")
     attacks: tuple[AttackName, ...] = ATTACKS
     stratify: bool = True  # same number of members and non-members per condition
     exclude_duplicates: bool = True  # drop holdout images whose pixels are in the train split

@@ -17,6 +17,15 @@ MODEL_CARD = "model_card.json"
 MODEL_KIND = "model"
 PRIVACY_LEDGER = "privacy_ledger.json"  # DP runs only (privacy/ledger.py)
 EMA_DIR = "unet_ema"
+# EMA weights kept during training (`train.snapshot_every`), one diffusers UNet folder per step.
+SNAPSHOTS_DIR = "unet_ema_snapshots"
+
+
+def snapshot_dir(step: int) -> str:
+    """The model directory's folder of the EMA weights after `step` optimizer steps."""
+    return f"{SNAPSHOTS_DIR}/step-{int(step):06d}"
+
+
 # The standalone pipeline for plain diffusers (synth/diffusers_pipeline.py); diffusers' name for a local custom
 # pipeline file (`custom_pipeline=<model dir>` looks for exactly this name).
 PIPELINE_FILE = "pipeline.py"

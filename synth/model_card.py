@@ -44,7 +44,7 @@ class ModelCard(HeaderModel):
     class_names: list[str] | None = None
     image: dict[str, Any] | None = None
     condition_counts: list[int] | dict[str, int] | None = None
-    weights: dict[str, str] | None = None
+    weights: dict[str, str | dict[str, str]] | None = None  # folder per weights; "snapshots": step -> folder
     # kind "pixel" or "latent" (with vae folder, latent shape, scaling); absent on cards from before latent models
     generator: dict[str, Any] | None = None
     privacy: ModelPrivacyClaim | None = None

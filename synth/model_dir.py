@@ -8,6 +8,9 @@
                                                        (its config holds the latents' scaling and shift factors)
     scheduler/scheduler_config.json                    the DDPMScheduler it was trained with (samplers derive from it)
     unet_ema/config.json, unet_ema/diffusion_pytorch_model.safetensors   the EMA weights (the ones to sample from)
+    unet_ema_snapshots/step-NNNNNN/                    `train.snapshot_every` only: the EMA weights after NNNNNN
+                                                       steps (a UNet folder each), for the release flow to choose
+                                                       among on real val (reports/guidance.py)
     privacy_ledger.json                                DP runs only: the privacy strategy's `ledger()`
     model_card.json                                    artifact header, kind "model" (see `write_model_dir`);
                                                        schema and reader in `synth.model_card`
@@ -15,6 +18,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -136,6 +140,7 @@ def write_model_dir(
     init_from: Mapping[str, Any] | None = None,
     vae: Any = None,
     generator: Mapping[str, Any] | None = None,
+    snapshots: Mapping[int, Path] | None = None,
 ) -> Path:
     """Write the model directory atomically to `out` and return `out`.
 
@@ -143,10 +148,11 @@ def write_model_dir(
     `train_config` the `TrainConfig.to_json()`. The card's body holds `conditions` (ConditionSpace JSON),
     `class_names`, `image` (height, width, channels), `condition_counts` (training images per condition index),
     `weights` (which folder holds which weights), `generator` (kind pixel, or latent with its `vae` folder,
-    latent shape and scaling; `vae` is then the `AutoencoderKL`), `privacy` (None or `privacy_summary(...)`),
-    `diffusers` (how to load it without synthgate: `diffusers_usage()`), `init_from` (None, or the model training
-    started from: `synth.init_from.load_init`'s record; its content hash is also an input of the header) and
-    `extra` (seeds, steps, epochs, time, device, losses ...).
+    latent shape and scaling; `vae` is then the `AutoencoderKL`), `snapshots` (step → a saved UNet folder of the
+    EMA weights at that step, copied to `unet_ema_snapshots/`; listed in `weights`), `privacy` (None or
+    `privacy_summary(...)`), `diffusers` (how to load it without synthgate: `diffusers_usage()`), `init_from`
+    (None, or the model training started from: `synth.init_from.load_init`'s record; its content hash is also an
+    input of the header) and `extra` (seeds, steps, epochs, time, device, losses ...).
     """
     from synth.pipeline import ConditionalDiffusionPipeline
 
@@ -155,6 +161,12 @@ def write_model_dir(
         parts = {"vae": vae.to("cpu")} if vae is not None else {}
         ConditionalDiffusionPipeline(unet=unet.to("cpu"), scheduler=scheduler, **parts).save_pretrained(tmp)
         ema_unet.to("cpu").save_pretrained(tmp / EMA_DIR)
+        weights: dict[str, Any] = {"ema": EMA_DIR, "raw": "unet", "default": "ema"}
+        if snapshots:
+            weights["snapshots"] = {}
+            for step, folder in sorted(snapshots.items()):
+                shutil.copytree(folder, tmp / layout.snapshot_dir(step))
+                weights["snapshots"][str(int(step))] = layout.snapshot_dir(step)
         # Before the card, so the card's `files` and content hash cover the code that samples from the weights.
         (tmp / PIPELINE_FILE).write_bytes(pipeline_source())
         if privacy_ledger is not None:
@@ -164,7 +176,7 @@ def write_model_dir(
             "class_names": list(space.class_names),
             "image": {**{k: int(image[k]) for k in ("height", "width", "channels")}, "dtype": "uint8"},
             "condition_counts": [int(c) for c in condition_counts],
-            "weights": {"ema": EMA_DIR, "raw": "unet", "default": "ema"},
+            "weights": weights,
             "generator": dict(generator) if generator is not None else {"kind": "pixel"},
             "privacy": dict(privacy) if privacy is not None else None,
             "diffusers": diffusers_usage(),

@@ -31,7 +31,25 @@ from synth.layout import EMA_DIR
 from synth.model_card import read_model_card as read_model_card  # re-exported: callers load pipeline and card together
 from synth.sampling import SamplerConfig, resolve_sampler
 
-Weights = Literal["ema", "raw"]
+# "ema" (the final EMA weights, the default), "raw" (the last step's weights) or "ema@STEP" (the EMA weights kept
+# after STEP steps: `train.snapshot_every`, model dir `unet_ema_snapshots/`).
+Weights = str
+
+
+def snapshot_step(weights: str) -> int | None:
+    """STEP of an "ema@STEP" weights name; None for "ema" and "raw". ConfigError for anything else."""
+    if weights in ("ema", "raw"):
+        return None
+    head, _, step = str(weights).partition("@")
+    if head != "ema" or not step.isdigit() or int(step) < 1:
+        raise ConfigError(f"weights {weights!r} is not 'ema', 'raw' or 'ema@STEP' (a kept snapshot's step)")
+    return int(step)
+
+
+def snapshot_weights(card: dict[str, Any]) -> list[str]:
+    """The "ema@STEP" names of the snapshots a model card lists, by step."""
+    snaps = (card.get("weights") or {}).get("snapshots") or {}
+    return [f"ema@{s}" for s in sorted(int(k) for k in snaps)]
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -144,20 +162,27 @@ def load_pipeline(
     sampler: str | SamplerConfig | None = None,
     device: str | torch.device = "auto",
 ) -> ConditionalDiffusionPipeline:
-    """Load a trained model directory as a pipeline with the chosen weights (`unet_ema/` or `unet/`), sampler
-    (default: the trained DDPM scheduler) and device, in eval mode, progress bar off."""
+    """Load a trained model directory as a pipeline with the chosen weights (`unet_ema/`, `unet/` or a kept
+    snapshot: see `Weights`), sampler (default: the trained DDPM scheduler) and device, in eval mode, progress bar
+    off."""
     model_dir = Path(model_dir)
-    if weights not in ("ema", "raw"):
-        raise ConfigError(f"weights {weights!r} is not 'ema' or 'raw'")
-    read_model_card(model_dir)
+    step = snapshot_step(weights)
+    card = read_model_card(model_dir)
     dev = resolve_device(device)
     ema_dir = model_dir / EMA_DIR
-    if weights == "ema" and not ema_dir.is_dir():
-        raise InputError(where(model_dir, "has no unet_ema/ (EMA weights); use weights='raw'"))
+    if step is not None:
+        folder = ((card.get("weights") or {}).get("snapshots") or {}).get(str(step))
+        if folder is None:
+            kept = ", ".join(snapshot_weights(card)) or "none"
+            raise InputError(where(model_dir, f"keeps no EMA snapshot at step {step} (kept: {kept})"))
+        ema_dir = model_dir / folder
+    if weights != "raw" and not ema_dir.is_dir():
+        raise InputError(where(model_dir, f"has no {ema_dir.relative_to(model_dir)}/ (EMA weights); use "
+                                          "weights='raw'"))
     with _quiet_loading():
         try:
             pipe = ConditionalDiffusionPipeline.from_pretrained(model_dir, low_cpu_mem_usage=False)
-            if weights == "ema":
+            if weights != "raw":
                 pipe.register_modules(unet=UNet2DModel.from_pretrained(ema_dir, low_cpu_mem_usage=False))
         except (OSError, ValueError, KeyError) as e:
             raise InputError(where(model_dir, f"cannot be loaded as a pipeline ({type(e).__name__}: {e})")) from None

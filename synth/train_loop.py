@@ -17,7 +17,7 @@ import torch
 from synth.device import autocast
 from synth.diffusion_loss import learning_rate, per_row_loss
 from synth.train_progress import _progress_bar, _say, _update_bar
-from synth.train_run import Run, save_checkpoint_of
+from synth.train_run import Run, save_checkpoint_of, save_snapshot_of, snapshot_due
 from synth.train_state import StopSignals, limit_reached
 from synth.train_world import agree, barrier
 
@@ -129,6 +129,8 @@ class _Loop:
         state.step += 1
         if world.main:
             run.ema.step(run.raw.parameters())
+            if snapshot_due(run):
+                save_snapshot_of(run)
         state.elapsed_s = time.monotonic() - self.started
         agreed: int | None = None
         if world.distributed:

@@ -67,6 +67,53 @@ class Run:
         self.pending_privacy_state = None
 
 
+SNAPSHOTS = "snapshots"  # in the checkpoint directory: the EMA snapshots taken so far (they survive a resume)
+
+
+def clean_unet_copy(unet: nn.Module) -> Any:
+    """A fresh CPU `UNet2DModel` with `unet`'s weights (the trained module may carry Opacus hooks and per-sample
+    gradient attributes)."""
+    from diffusers import UNet2DModel
+
+    fresh = UNet2DModel.from_config(unet.config)
+    fresh.load_state_dict({k: v.detach().to("cpu") for k, v in unet.state_dict().items()})
+    return fresh.eval()
+
+
+def snapshot_due(run: Run) -> bool:
+    """Whether the EMA weights after this step are kept (`train.snapshot_every`; the final step's are the
+    model's own `unet_ema/`)."""
+    every, step = run.config.snapshot_every, run.state.step
+    return bool(every) and step % every == 0 and (run.planned is None or step < run.planned)
+
+
+def save_snapshot_of(run: Run) -> None:
+    """Rank 0: save the EMA weights at this step to `<ckpt_dir>/snapshots/step-NNNNNN/` (atomically; a resumed run
+    that passes the step again writes the same weights)."""
+    if not run.world.main:
+        return
+    from synth.artifacts import atomic_dir
+
+    ema_unet = clean_unet_copy(run.raw)
+    run.ema.copy_to(ema_unet.parameters())
+    with atomic_dir(snapshot_path(run.ckpt_dir, run.state.step), overwrite=True) as tmp:
+        ema_unet.save_pretrained(tmp)
+
+
+def snapshot_path(ckpt_dir: Path, step: int) -> Path:
+    return Path(ckpt_dir) / SNAPSHOTS / f"step-{int(step):06d}"
+
+
+def saved_snapshots(ckpt_dir: Path, *, before: int) -> dict[int, Path]:
+    """The snapshots in `ckpt_dir` taken before step `before`, by step."""
+    root = Path(ckpt_dir) / SNAPSHOTS
+    if not root.is_dir():
+        return {}
+    found = {int(p.name.split("-", 1)[1]): p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()}
+    return {s: p for s, p in sorted(found.items()) if s < before}
+
+
 def save_checkpoint_of(run: Run) -> None:
     """Write the run's checkpoint (rank 0 writes; the others hold the same state and only note the step)."""
     run.last_saved = run.state.step

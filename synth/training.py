@@ -66,7 +66,7 @@ from synth.train_data import (
     model_config_for,
 )
 from synth.train_loop import EPSILON_EVERY_S, run_loop
-from synth.train_run import Run, resume_from_checkpoint, save_checkpoint_of
+from synth.train_run import Run, clean_unet_copy, resume_from_checkpoint, save_checkpoint_of, saved_snapshots
 from synth.train_state import RunState, planned_steps
 from synth.train_world import World, barrier, current_world, rank_seed
 
@@ -340,8 +340,8 @@ def _finish(run: Run, stop_reason: str) -> None:
         if not all(math.isnan(x) for x in state.losses[i : i + LOSS_WINDOW])
     ]
     # Fresh copies on the CPU: the trained module may carry Opacus hooks and per-sample gradient attributes.
-    final_unet = _clean_copy(run.raw)
-    ema_unet = _clean_copy(run.raw)
+    final_unet = clean_unet_copy(run.raw)
+    ema_unet = clean_unet_copy(run.raw)
     run.ema.copy_to(ema_unet.parameters())
     summary = ledger = None
     if privacy is not None:
@@ -371,6 +371,7 @@ def _finish(run: Run, stop_reason: str) -> None:
         init_from=run.init_from,
         vae=run.latent.vae if run.latent is not None else None,
         generator=generator_entry(run.latent),
+        snapshots=saved_snapshots(run.ckpt_dir, before=state.step),
         extra={
             "seeds": run.seeds,
             "steps": state.step,
@@ -392,11 +393,3 @@ def _finish(run: Run, stop_reason: str) -> None:
                if world.distributed else {}),
         },
     )
-
-
-def _clean_copy(unet: nn.Module) -> Any:
-    from diffusers import UNet2DModel
-
-    fresh = UNet2DModel.from_config(unet.config)
-    fresh.load_state_dict({k: v.detach().to("cpu") for k, v in unet.state_dict().items()})
-    return fresh.eval()

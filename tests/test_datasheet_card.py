@@ -379,3 +379,26 @@ def test_card_and_datasheet_state_released_and_real_class_prevalence():
     prior = render_dataset_card(demo_facts(synthetic=uniform.model_copy(update={"generation": {"balance": "prior"}}),
                                            source=real))
     assert "in proportion to the real training set (`balance: prior`)" in prior
+
+
+def test_card_and_datasheet_name_the_training_step_chosen_on_val():
+    base = demo_facts()
+    selection = {"guidance_scale": 2.0, "weights": "ema@800", "weights_step": 800, "objective": "val",
+                 "candidates": [{"guidance_scale": 2.0, "balanced_accuracy": 0.91}],
+                 "weights_candidates": [{"weights": "ema@400", "step": 400, "guidance_scale": 2.0,
+                                         "balanced_accuracy": 0.88},
+                                        {"weights": "ema@800", "step": 800, "guidance_scale": 2.0,
+                                         "balanced_accuracy": 0.91},
+                                        {"weights": "ema", "step": 2400, "guidance_scale": 2.0,
+                                         "balanced_accuracy": 0.80}]}
+    synthetic = base.synthetic.model_copy(update={"generation": {"balance": "uniform",
+                                                                 "guidance_selection": selection}})
+    facts = demo_facts(synthetic=synthetic, model=base.model.model_copy(update={"guidance_scale": 2.0}))
+    card = render_dataset_card(facts)
+    assert "EMA weights after **800** training steps" in card
+    assert "step 400 → 0.880, step 800 → 0.910, step 2400 → 0.800" in card
+    sheet = render_datasheet(facts)
+    assert "from the EMA weights after 800 training steps" in sheet and "step 2400: 0.800" in sheet
+    without = render_dataset_card(demo_facts(synthetic=base.synthetic.model_copy(update={"generation": {
+        "guidance_selection": {**selection, "weights_candidates": []}}})))
+    assert "training steps, chosen" not in without

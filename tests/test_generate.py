@@ -255,7 +255,7 @@ def test_cli_generate_and_merge(model_dir, tmp_path, capsys):
         (["--n", "-3"], "--n must be a positive integer"),
         (["--n", "3", "--shard-index", "2", "--shard-count", "2"], "--shard-index 2 is outside 0..1"),
         (["--n", "3", "--sampler", "euler"], "unknown sampler"),
-        (["--n", "3", "--weights", "best"], "--weights must be ema or raw"),
+        (["--n", "3", "--weights", "best"], "--weights must be ema, raw or ema@STEP"),
         ([], "give --n N or --per-class"),
     ],
 )

@@ -12,6 +12,7 @@ from reports.classifier import ClassifierConfig
 from reports.guidance import GuidanceSelectionConfig, choose, read_guidance, select_guidance
 from synth.data.canonical import Dataset, load_dataset
 from synth.errors import InputError
+from synth.pipeline import read_model_card
 from tests.model_fixtures import make_model_dir
 
 
@@ -109,3 +110,105 @@ def test_larger_scales_are_tried_only_while_the_largest_wins(pneumonia_slice: Pa
     falling = run(False, tmp_path / "falling")
     assert [c["guidance_scale"] for c in falling["candidates"]] == [1.0, 2.0]
     assert falling["guidance_scale"] == 1.0
+
+
+def test_kept_snapshots_are_compared_first_and_the_grid_runs_on_the_winner(pneumonia_slice: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """With EMA snapshots each weights is scored once at `snapshot_scale`; the scale grid then runs on the best one
+    only, that is what generation gets, and near-ties go to the later step."""
+    import copy
+
+    import reports.guidance as guidance
+    import synth.generate
+    from reports.guidance import choose_weights
+    from synth.model import build_unet, preset
+
+    torch.set_num_threads(1)
+    base = build_unet(preset("tiny", num_conditions=2))
+    folders = {}
+    for step in (2, 4):
+        snap = copy.deepcopy(base)
+        with torch.no_grad():
+            for p in snap.parameters():
+                p.add_(0.001 * step)
+        snap.save_pretrained(tmp_path / f"snap{step}")
+        folders[step] = tmp_path / f"snap{step}"
+    plain = make_model_dir(tmp_path / "model", condition_counts=[32, 32], unet=base)
+    assert "snapshots" not in read_model_card(plain)["weights"]
+    model = _with_snapshots(plain, tmp_path / "model-snaps", folders)
+
+    val_score = {"ema@2": 0.70, "ema@4": 0.80, "ema": 0.805}  # ema@4 and the final ema tie: the later step wins
+    generated: list[tuple[str, float]] = []
+    real_generate = synth.generate.generate
+
+    def spy_generate(*args, weights: str = "ema", guidance_scale: float | None = None, **kw):
+        generated.append((weights, guidance_scale))
+        return real_generate(*args, weights=weights, guidance_scale=guidance_scale, **kw)
+
+    def fake(images, labels, *_args):
+        w, g = generated[-1]
+        ba = val_score[w] + (0.05 if g == 3.0 else 0.0)
+        return {**_s(ba, ba - 0.1), "worst_class": "normal", "auroc": ba}
+
+    monkeypatch.setattr(synth.generate, "generate", spy_generate)
+    monkeypatch.setattr(guidance, "_score", fake)
+    cfg = GuidanceSelectionConfig(candidates=(1.0, 2.0, 3.0), extend=(), per_class=10, snapshot_scale=2.0)
+    header = read_guidance(select_guidance(pneumonia_slice, model, tmp_path / "g", sampler="ddim-2", config=cfg,
+                                           device="cpu"))
+    assert generated == [("ema@2", 2.0), ("ema@4", 2.0), ("ema", 2.0), ("ema", 1.0), ("ema", 3.0)]
+    assert header["weights"] == "ema" and header["weights_step"] == 6 and header["guidance_scale"] == 3.0
+    assert [(c["weights"], c["step"]) for c in header["weights_candidates"]] == [("ema@2", 2), ("ema@4", 4),
+                                                                                ("ema", 6)]
+    assert choose_weights({"ema@4": _s(0.803, 0.7), "ema": _s(0.80, 0.7)}, {"ema@4": 4, "ema": 6}) == "ema"
+    assert choose_weights({"ema@4": _s(0.85, 0.7), "ema": _s(0.80, 0.7)}, {"ema@4": 4, "ema": 6}) == "ema@4"
+
+    val_score["ema@2"] = 0.95  # now the early snapshot wins, and the grid runs on it
+    generated.clear()
+    header = read_guidance(select_guidance(pneumonia_slice, model, tmp_path / "g2", sampler="ddim-2", config=cfg,
+                                           device="cpu"))
+    assert header["weights"] == "ema@2" and header["weights_step"] == 2
+    assert generated[3:] == [("ema@2", 1.0), ("ema@2", 3.0)]
+    generated.clear()  # pinned weights: only the scale is chosen
+    header = read_guidance(select_guidance(pneumonia_slice, model, tmp_path / "g3", sampler="ddim-2", config=cfg,
+                                           device="cpu", weights=["ema@4"]))
+    assert [w for w, _ in generated] == ["ema@4"] * 3 and header["weights_candidates"] == []
+
+
+def _with_snapshots(model: Path, out: Path, folders: dict) -> Path:
+    """`model` rewritten by the trainer's writer with `folders` as its kept EMA snapshots and 6 training steps."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from synth.conditioning import ConditionSpace
+    from synth.model import preset
+    from synth.model_dir import write_model_dir
+
+    unet = UNet2DModel.from_pretrained(model / "unet", low_cpu_mem_usage=False)
+    ema = UNet2DModel.from_pretrained(model / "unet_ema", low_cpu_mem_usage=False)
+    cfg = preset("tiny", num_conditions=2)
+    return write_model_dir(out, unet=unet, ema_unet=ema, scheduler=DDPMScheduler(num_train_timesteps=1000),
+                           model_config=cfg, train_config={"test_fixture": True},
+                           space=ConditionSpace(class_names=("normal", "pneumonia")), dataset_hash="0" * 64,
+                           image={"height": 28, "width": 28, "channels": 1}, condition_counts=[32, 32],
+                           snapshots=folders, extra={"steps": 6})
+
+
+def test_the_chosen_weights_reach_generation_and_the_membership_attack(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from flows.release_config import ReleaseConfig
+    from flows.stage_audits import _privacy_audit_config, attacking_generation_weights
+    from flows.stage_generator import generate_stage, guidance_stage
+    from synth.errors import ConfigError
+
+    chosen = ReleaseConfig.model_validate({"generate": {"guidance_scale": 2.0, "weights": "ema@400"}})
+    assert attacking_generation_weights(_privacy_audit_config(chosen), chosen).membership.weights == "ema@400"
+    default = ReleaseConfig.model_validate({"generate": {"guidance_scale": 2.0}})
+    assert default.generate.weights == "auto"
+    with pytest.raises(ConfigError, match=r"generate\.weights is 'auto'"):
+        generate_stage(default, tmp_path / "model")
+    fixed = guidance_stage(default, tmp_path / "dataset", tmp_path / "model")  # a given scale: final EMA weights
+    assert fixed.generate.weights == "ema"
+    assert attacking_generation_weights(_privacy_audit_config(fixed), fixed).membership.weights == "ema"
+    for bad in ("best", "ema@0", "ema@"):
+        with pytest.raises(ValidationError, match="weights"):
+            ReleaseConfig.model_validate({"generate": {"weights": bad}})

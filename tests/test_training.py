@@ -696,3 +696,28 @@ def test_class_balance_auto_is_one_without_dp_and_zero_with_it(pneumonia_slice: 
     assert card(dp)["config"]["train"]["class_balance"] == 0.0
     plain = train(pneumonia_slice, tmp_path / "plain", cfg(class_balance="auto"), progress=False)
     assert card(plain)["config"]["train"]["class_balance"] == 1.0
+
+
+def test_ema_snapshots_equal_the_ema_of_a_run_stopped_there_and_survive_a_resume(pneumonia_slice: Path,
+                                                                                 tmp_path: Path) -> None:
+    """`snapshot_every` keeps the EMA weights every N steps (the tiny preset's LR is constant after warmup, so a run
+    stopped at step N has exactly those EMA weights); an interrupted run keeps the snapshots it took."""
+    from synth.pipeline import load_pipeline
+
+    out = tmp_path / "model"
+    config = cfg(snapshot_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(pneumonia_slice, out, config, progress=False, on_step=_stop_at(3, "ctrl-c"))
+    train(pneumonia_slice, out, config, progress=False, resume=True)
+    weights = card(out)["weights"]
+    assert weights["snapshots"] == {"2": "unet_ema_snapshots/step-000002", "4": "unet_ema_snapshots/step-000004"}
+    for step in (2, 4):
+        stopped = train(pneumonia_slice, tmp_path / f"stopped{step}", cfg(max_steps=step), progress=False)
+        kept, ema = state(out / weights["snapshots"][str(step)]), state(stopped / "unet_ema")
+        assert kept.keys() == ema.keys() and all(torch.equal(kept[k], ema[k]) for k in kept)
+    pipe = load_pipeline(out, weights="ema@4", device="cpu")
+    assert all(torch.equal(p, state(out / weights["snapshots"]["4"])[k]) for k, p in pipe.unet.state_dict().items())
+    with pytest.raises(InputError, match=r"no EMA snapshot at step 3 \(kept: ema@2, ema@4\)"):
+        load_pipeline(out, weights="ema@3", device="cpu")
+    with pytest.raises(ConfigError, match="ema@STEP"):
+        load_pipeline(out, weights="best", device="cpu")
