@@ -126,9 +126,10 @@ def train_cmd(
 
     card = read_model_card(path, require_weights=False)
     spent = f", ε={card['privacy']['epsilon']:.3g} (δ={card['privacy']['delta']:.1g})" if card["privacy"] else ""
+    loss = f", loss {card['final_loss']:.4f}" if card.get("final_loss") is not None else ""
     console.print(
         f"[green]wrote[/] {path}  ({card['steps']} steps, {card['epochs']:.2f} epochs, "
-        f"{card['training_seconds'] / 60:.1f} min on {card['device']}, loss {card['final_loss']:.4f}{spent}; "
+        f"{card['training_seconds'] / 60:.1f} min on {card['device']}{loss}{spent}; "
         f"stopped by {card['stopped_by']})"
     )
     return 0

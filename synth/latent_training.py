@@ -122,6 +122,9 @@ def _trained_vae(data: TrainingData, config: TrainConfig, side: int, *, device: 
         # encoder was trained to give zero-mean, unit-second-moment latents instead (`train_vae`), scale 1.
         record.update(shift_factor=0.0, scaling_factor=1.0, trained_on="train split, with DP-SGD",
                       latent_scale="fixed (shift 0, scale 1): the DP encoder is trained towards unit-moment latents")
+        # The reconstruction error is measured on private images outside DP-SGD: not published.
+        record.pop("reconstruction_mse", None)
+        record.pop("psnr_db", None)
     _save(vae, record, run_id, saved, ae_privacy.state_dict() if ae_privacy is not None else None)
     return vae, record
 

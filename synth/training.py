@@ -80,6 +80,10 @@ __all__ = [
 LOSS_WINDOW = 50  # steps averaged for the reported final loss and each point of the loss curve
 
 
+WITHHELD_WITH_DP = ("final_loss and loss_curve (and the autoencoder's reconstruction error): computed on the "
+                    "private training images outside DP-SGD, so not published with a DP model")
+
+
 def _check_out(out: Path) -> None:
     if out.exists():
         raise InputError(where(out, "already exists; choose another --out or remove it"))
@@ -384,8 +388,9 @@ def _finish(run: Run, stop_reason: str) -> None:
             "resumed_from_step": run.resumed_from,
             "training_seconds": round(state.elapsed_s, 2),
             "device": describe_device(run.device),
-            "final_loss": final_loss,
-            "loss_curve": curve,
+            # With DP these are statistics of the private images that DP-SGD does not cover: not published.
+            **({"final_loss": final_loss, "loss_curve": curve} if privacy is None else
+               {"withheld": WITHHELD_WITH_DP}),
             "ema": {"decay": config.ema_decay, "warmup": config.ema_warmup, "power": config.ema_power,
                     "updates": run.ema.optimization_step},
             "torch_version": torch.__version__,

@@ -62,6 +62,8 @@ def test_dp_autoencoder_is_recorded_in_the_card_with_a_fixed_latent_scale(dp_lat
     vae = AutoencoderKL.from_pretrained(model / "vae")
     assert vae.config.shift_factor == 0.0 and vae.config.scaling_factor == 1.0
     assert card["generator"]["scaling_factor"] == 1.0
+    # Nor is the reconstruction error or the loss, measured on private images: the card withholds them.
+    assert "reconstruction_mse" not in entry and "psnr_db" not in entry and "final_loss" not in card
 
 
 def test_latent_dp_without_a_private_or_public_autoencoder_is_refused_in_one_line(tmp_path, pneumonia_slice):
