@@ -169,3 +169,17 @@ def test_rgb_latent_generator_generates_rgb_pixels_of_the_real_size(tmp_path):
     assert card["generator"]["latent_shape"] == [4, 16, 16] and card["image"]["channels"] == 3
     out = generate(model, tmp_path / "gen", n=4, sampler="ddim-25", steps=2, device="cpu", progress=False)
     assert load_dataset(out).images.shape == (4, 32, 32, 3)
+
+
+def test_autoencoder_progress_lines_come_every_tenth_or_every_15_seconds(monkeypatch) -> None:
+    import synth.autoencoder as autoencoder
+
+    clock = [0.0]
+    monkeypatch.setattr(autoencoder.time, "monotonic", lambda: clock[0])
+    every = autoencoder._Every(1000)
+    due = []
+    for step in range(1, 301):
+        clock[0] += 0.125 if step < 200 else 1.0  # slow steps after 200: the 15-s rule takes over
+        if every.due(step):
+            due.append(step)
+    assert due == [1, 100, 200, 215, 230, 245, 260, 275, 290, 300]

@@ -173,5 +173,6 @@ def test_interrupted_dp_latent_run_resumes_with_the_autoencoder_spend(dp_latent_
     ours, theirs = read_model_ledger(out), read_model_ledger(done)
     assert ours.events == theirs.events and ours.epsilon == theirs.epsilon
     assert ours.autoencoder["events"] == theirs.autoencoder["events"]
+    assert ours.autoencoder["batch_size"] == theirs.autoencoder["batch_size"] is not None  # was lost on resume
     a, b = (load_file(str(p / "vae" / "diffusion_pytorch_model.safetensors")) for p in (out, done))
     assert all(torch.equal(a[k], b[k]) for k in a)
