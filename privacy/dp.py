@@ -315,6 +315,7 @@ class DPStrategy:
             "dataset_size": self.dataset_size,
             "noise_multiplicity": self.noise_multiplicity,
             "max_grad_norm": self.config.max_grad_norm,
+            "batch_size": self.batch_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -340,6 +341,8 @@ class DPStrategy:
             if recorded[key] != want:
                 raise ConfigError(where("DP checkpoint", f"{key} {recorded[key]!r} differs from this run's {want!r}"))
         self._resumed = {"noise_multiplier": state.get("noise_multiplier"), "sample_rate": state.get("sample_rate")}
+        if self.batch_size is None:  # a resumed autoencoder run is never attached again: keep its ledger's batch
+            self.batch_size = state.get("batch_size")
         self.accountant.history = history
         if self._optimizer is not None:
             # PhysicalBatches never queues signals ahead of a step; drop any a caller's own loader may have left.
