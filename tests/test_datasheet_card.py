@@ -402,3 +402,8 @@ def test_card_and_datasheet_name_the_training_step_chosen_on_val():
     without = render_dataset_card(demo_facts(synthetic=base.synthetic.model_copy(update={"generation": {
         "guidance_selection": {**selection, "weights_candidates": []}}})))
     assert "training steps, chosen" not in without
+    # A DP release says the validation images that chose are not covered by ε; a non-DP one has no ε to qualify.
+    assert base.privacy.dp
+    assert "are not covered by ε: they only chose the weights and the guidance scale among 4 candidates" in card
+    plain = demo_facts(synthetic=synthetic, privacy=PrivacyFacts(dp=False))
+    assert "validation images that made these choices" not in render_dataset_card(plain)
