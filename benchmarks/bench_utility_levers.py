@@ -9,7 +9,9 @@ and its ratio to TRTR's, TRTS balanced accuracy; AUROC last, because it can look
     .venv/bin/python benchmarks/bench_utility_levers.py --real WORK/dataset --model WORK/model \\
         [--variants prior:1,uniform:1,uniform:1.5,uniform:2,uniform:3,uniform:1:raw] [--n 600] [--out DIR]
 
-A variant is BALANCE:GUIDANCE[:WEIGHTS]. Results: a Markdown table on stdout and `levers.json` in `--out`.
+A variant is BALANCE:GUIDANCE[:WEIGHTS], WEIGHTS ema (default), raw or ema@STEP (a snapshot the model kept,
+`train.snapshot_every`: each step's test score beside the one the release chose on val). Results: a Markdown
+table on stdout and `levers.json` in `--out`.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ def parse_variant(text: str) -> tuple[str, float, str]:
     if len(parts) not in (2, 3) or parts[0] not in ("prior", "uniform"):
         raise SystemExit(f"variant {text!r} is not BALANCE:GUIDANCE[:WEIGHTS] with BALANCE prior|uniform")
     weights = parts[2] if len(parts) == 3 else "ema"
-    if weights not in ("ema", "raw"):
-        raise SystemExit(f"variant {text!r}: weights must be ema or raw")
+    if weights not in ("ema", "raw") and not (weights.startswith("ema@") and weights[4:].isdigit()):
+        raise SystemExit(f"variant {text!r}: weights must be ema, raw or ema@STEP (a kept EMA snapshot)")
     return parts[0], float(parts[1]), weights
 
 
@@ -48,7 +50,7 @@ def run_variant(real: Path, model: Path, work: Path, variant: tuple[str, float, 
     from synth.generate import generate
 
     balance, guidance, weights = variant
-    name = f"{balance}-g{guidance:g}-{weights}"
+    name = f"{balance}-g{guidance:g}-{weights.replace('@', '-')}"
     t = time.perf_counter()
     syn = generate(model, work / name, n=n, balance=balance, sampler=sampler, guidance_scale=guidance, seed=seed,
                    weights=weights, device=device, progress=False)
