@@ -1,7 +1,8 @@
 """`TrainConfig`: every knob of a training run, with presets named by intent.
 
     tiny   tests and smoke runs: a 0.16M-parameter UNet, seconds on a CPU
-    quality a CPU release worth an hour: `small`'s UNet, 2400 steps of 64 or 58 minutes, whichever comes first
+    quality a CPU release worth an hour: `small`'s UNet, 2400 steps of 64 or 58 minutes, whichever comes first,
+           with an EMA snapshot every 400 steps for the release flow to choose among on real val
     small  the CPU demo: a 1.1M-parameter UNet, 400 steps of 64 or 9 minutes, whichever comes first
            (2 cores, PneumoniaMNIST; 1.13 GFLOP per example and step; ~6 s a step was measured with 5+ other
            jobs on the cores, 1.2-1.5 s is the estimate for a quiet machine: benchmarks/bench_training.py)
@@ -97,7 +98,8 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "quality": {
         **_COMMON,
-        # The demo's network and batch, 6x the steps: ~55 minutes on a quiet 2-core machine, capped at 58.
+        # The demo's network and batch, 6x the steps, capped at 58 minutes: 51 minutes on one core with one thread
+        # (0.79 steps/s, PneumoniaMNIST and HAM10000 at 28 px alike; benchmarks/README.md).
         "batch_size": 64,
         "lr": 1e-3,
         "lr_warmup_steps": 100,
