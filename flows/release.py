@@ -175,6 +175,9 @@ def release_pipeline(cfg: ReleaseConfig) -> AuditedRun:
     """Ingest → validate → train (and, for DP, the canary audit) → generate (mapped over shards) → privacy audit
     (memorization search mapped over shards) → utility audit (classifiers mapped) → gate → steward's report, on the
     task runner `cfg.runner`."""
+    from synth.model import resolve_diffusers_names
+
+    resolve_diffusers_names()  # before tasks run side by side: diffusers' lazy names are not thread-safe
     shards = cfg.runner.shard_count()
     dataset = ingest_task(cfg)
     validate_task(cfg, dataset)

@@ -142,3 +142,22 @@ def build_unet(config: ModelConfig):  # -> diffusers.UNet2DModel (imported lazil
     from diffusers import UNet2DModel
 
     return UNet2DModel(**config.unet_kwargs())
+
+
+# Every diffusers name synthgate imports, resolved by `resolve_diffusers_names`.
+DIFFUSERS_NAMES = ("AutoencoderKL", "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+                   "DiffusionPipeline", "ImagePipelineOutput", "UNet2DModel")
+
+
+def resolve_diffusers_names() -> None:
+    """Resolve every diffusers name synthgate uses, once, in the calling thread.
+
+    diffusers serves its classes through a lazy module, and two threads resolving a name for the first time at once
+    can find it half-built: a DP release's training and canary-audit tasks start together on the thread runner and
+    one failed with `ImportError: cannot import name 'UNet2DModel' from 'diffusers'` (a known lazy-import race).
+    The release flow calls this before it submits concurrent tasks."""
+    import diffusers
+    from diffusers.training_utils import EMAModel  # noqa: F401
+
+    for name in DIFFUSERS_NAMES:
+        getattr(diffusers, name)
