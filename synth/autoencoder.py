@@ -84,6 +84,7 @@ def train_vae(
                                   privacy=privacy)
     order_gen = torch.Generator().manual_seed(seed + 1)
     sample_gen = torch.Generator(device=device).manual_seed(seed + 2)
+    crop_gen = torch.Generator().manual_seed(seed + 4)
     batch = min(config.batch_size, n)
     started, step, losses = time.monotonic(), 0, []
     limit_s = config.max_minutes * 60 if config.max_minutes is not None else math.inf
@@ -92,7 +93,7 @@ def train_vae(
         for idx in torch.randperm(n, generator=order_gen).split(batch):
             if len(idx) < batch or step >= config.max_steps or time.monotonic() - started >= limit_s:
                 break
-            x = _to_float(images[idx]).to(device)
+            x = _to_float(random_crops(images[idx], config.crop, generator=crop_gen)).to(device)
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=sample_gen,
                                                              device=device)
@@ -109,14 +110,30 @@ def train_vae(
     return vae.to("cpu").eval(), _record(step, losses, time.monotonic() - started, config)
 
 
+def random_crops(images: torch.Tensor, side: int | None, *, generator: torch.Generator) -> torch.Tensor:
+    """One random `side`×`side` crop of each N×C×H×W image (offsets from `generator`); the images themselves when
+    `side` is None or not smaller than them."""
+    n, _, height, width = images.shape
+    if side is None or (side >= height and side >= width):
+        return images
+    side_h, side_w = min(side, height), min(side, width)
+    top = torch.randint(0, height - side_h + 1, (n,), generator=generator).tolist()
+    left = torch.randint(0, width - side_w + 1, (n,), generator=generator).tolist()
+    pairs = enumerate(zip(top, left, strict=True))
+    return torch.stack([images[i, :, t : t + side_h, s : s + side_w] for i, (t, s) in pairs])
+
+
 def _record(step: int, losses: list[float], seconds: float, config: AutoencoderConfig) -> dict[str, Any]:
     if step == 0:
         raise ConfigError("autoencoder training stopped before its first step (max_minutes too small?)")
     tail = [x for x in losses if math.isfinite(x)][-20:] or [math.nan]
     mse = sum(tail) / len(tail)
     # MSE on [-1, 1] is (2/255)² times the MSE on [0, 255]: PSNR = 10·log10(4 / mse).
-    return {"steps": step, "seconds": round(seconds, 2), "stopped_by": "max_steps" if step >= config.max_steps
-            else "max_minutes", "reconstruction_mse": mse, "psnr_db": 10 * math.log10(4 / max(mse, 1e-12))}
+    record = {"steps": step, "seconds": round(seconds, 2), "stopped_by": "max_steps" if step >= config.max_steps
+              else "max_minutes", "reconstruction_mse": mse, "psnr_db": 10 * math.log10(4 / max(mse, 1e-12))}
+    if config.crop is not None:
+        record["measured_on"] = f"random {config.crop}×{config.crop} training crops"
+    return record
 
 
 # Weight of the per-example latent-moment term of DP training: with DP the latent shift and scale cannot be fitted
@@ -141,6 +158,7 @@ def _train_private(vae: Any, optimizer: Any, images: torch.Tensor, config: Autoe
     model.train()
     inner = privacy.unwrap(model)  # encode/decode are its methods; the strategy's hooks sit on its layers
     sample_gen = torch.Generator(device=device).manual_seed(seed + 2)
+    crop_gen = torch.Generator().manual_seed(seed + 4)
     started, step, losses = time.monotonic(), 0, []
     limit_s = config.max_minutes * 60 if config.max_minutes is not None else math.inf
     report = _Every(config.max_steps)
@@ -149,7 +167,8 @@ def _train_private(vae: Any, optimizer: Any, images: torch.Tensor, config: Autoe
             b = int(x.shape[0])
             mse = math.nan
             if b:
-                x = _to_float(x).to(device)
+                # a crop is a per-example transform: each example's clipped gradient is still its own
+                x = _to_float(random_crops(x, config.crop, generator=crop_gen)).to(device)
                 posterior = inner.encode(x).latent_dist
                 z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=sample_gen,
                                                                  device=device)

@@ -183,3 +183,49 @@ def test_autoencoder_progress_lines_come_every_tenth_or_every_15_seconds(monkeyp
         if every.due(step):
             due.append(step)
     assert due == [1, 100, 200, 215, 230, 245, 260, 275, 290, 300]
+
+
+def test_random_crops_are_slices_of_each_image_at_seeded_offsets() -> None:
+    from synth.autoencoder import random_crops
+
+    images = torch.arange(3 * 2 * 16 * 16, dtype=torch.float32).reshape(3, 2, 16, 16)
+    crops = random_crops(images, 8, generator=torch.Generator().manual_seed(0))
+    again = random_crops(images, 8, generator=torch.Generator().manual_seed(0))
+    assert crops.shape == (3, 2, 8, 8) and torch.equal(crops, again)
+    offsets = []
+    for i in range(3):  # each crop is a contiguous window of its own image, every channel at the same offset
+        top, left = divmod(int(crops[i, 0, 0, 0] - images[i, 0, 0, 0]), 16)
+        assert torch.equal(crops[i], images[i, :, top : top + 8, left : left + 8])
+        offsets.append((top, left))
+    assert len(set(offsets)) > 1  # not one offset for the whole batch
+    assert random_crops(images, None, generator=torch.Generator()) is images
+    assert random_crops(images, 16, generator=torch.Generator()) is images
+
+
+def test_autoencoder_trained_on_crops_reconstructs_whole_images(monkeypatch) -> None:
+    """With `crop`, training sees only crops (checked at the encoder's input), and the trained autoencoder encodes
+    and decodes the whole image; the record says what its MSE was measured on."""
+    from synth.autoencoder import encode_means, train_vae
+    from synth.autoencoder_config import AutoencoderConfig
+
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (8, 1, 32, 32), dtype=np.uint8))
+    cfg = AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=8, batch_size=4, max_steps=3,
+                            max_minutes=None, crop=16)
+    seen = []
+    from diffusers import AutoencoderKL
+
+    original = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: (seen.append(tuple(x.shape)),
+                                                                           original(self, x, *a, **k))[1])
+    vae, record = train_vae(images, cfg, seed=0, device=torch.device("cpu"))
+    assert seen == [(4, 1, 16, 16)] * 3 and record["measured_on"] == "random 16×16 training crops"
+    means = encode_means(vae, images)
+    assert means.shape == (8, 4, 16, 16)
+    assert vae.decode(means).sample.shape == (8, 1, 32, 32)
+
+
+def test_autoencoder_crop_must_divide_by_the_downsampling_factor() -> None:
+    from synth.autoencoder_config import AutoencoderConfig
+
+    with pytest.raises(ValueError, match="crop 18 is not divisible by its downsampling factor 4"):
+        AutoencoderConfig(crop=18)

@@ -176,3 +176,26 @@ def test_interrupted_dp_latent_run_resumes_with_the_autoencoder_spend(dp_latent_
     assert ours.autoencoder["batch_size"] == theirs.autoencoder["batch_size"] is not None  # was lost on resume
     a, b = (load_file(str(p / "vae" / "diffusion_pytorch_model.safetensors")) for p in (out, done))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dp_autoencoder_trains_on_crops_when_asked(monkeypatch):
+    """`autoencoder.crop` with DP: every Poisson batch reaches the encoder as crops (a per-example transform), and
+    the strategy still counts its planned steps."""
+    import numpy as np
+    from diffusers import AutoencoderKL
+
+    from privacy.dp import make_strategy
+    from synth.autoencoder import train_vae
+    from synth.autoencoder_config import AUTOENCODER_PRESETS, AutoencoderConfig
+
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (16, 1, 16, 16), dtype=np.uint8))
+    cfg = AutoencoderConfig(**{**AUTOENCODER_PRESETS["tiny"], "batch_size": 4, "max_steps": 3, "max_minutes": None,
+                               "crop": 8})
+    seen = []
+    original = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: (seen.append(tuple(x.shape[1:])),
+                                                                           original(self, x, *a, **k))[1])
+    strategy = make_strategy(DPConfig(target_epsilon=8.0, accountant="rdp"), dataset_size=16)
+    _, record = train_vae(images, cfg, seed=0, device=torch.device("cpu"), privacy=strategy)
+    assert seen and set(seen) == {(1, 8, 8)}
+    assert record["steps"] == 3 and sum(n for _, _, n in strategy.accountant.history) == 3
