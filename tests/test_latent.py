@@ -50,6 +50,10 @@ def test_partial_autoencoder_settings_keep_the_presets_other_fields():
     cfg = TrainConfig(preset="small", autoencoder={"max_steps": 7})
     assert cfg.autoencoder.max_steps == 7 and cfg.autoencoder.block_out_channels == (16, 32, 64)
     assert TrainConfig.from_json(cfg.to_json()) == cfg
+    # small and quality train the autoencoder on 32-px crops; tiny, and an explicit null, on whole images
+    assert cfg.autoencoder.crop == 32 and TrainConfig(preset="quality").autoencoder.crop == 32
+    assert TrainConfig(preset="tiny").autoencoder.crop is None
+    assert TrainConfig(preset="quality", autoencoder={"crop": None}).autoencoder.crop is None
     with pytest.raises(ConfigError, match="autoencoder block_out_channels"):
         TrainConfig.from_json({"preset": "tiny", "autoencoder": {"block_out_channels": [12, 16]}})
 
