@@ -44,13 +44,16 @@ def test_init_from_loads_public_weights_and_resets_a_different_class_embedding(p
     data = load_training_data(pneumonia_slice, ())
     cfg = model_config_for(data, "tiny", where_=pneumonia_slice)
     unet = build_unet(cfg)
+    fresh = unet.state_dict()["class_embedding.weight"].detach().clone()
     record = load_init(unet, public_model, model_cfg=cfg, class_names=list(data.space.class_names),
                        image=data.image, dataset_hash=data.dataset_hash, dataset=pneumonia_slice)
     public = UNet2DModel.from_pretrained(public_model / "unet_ema").state_dict()
     mine = unet.state_dict()
     assert all(torch.equal(mine[k], public[k]) for k in public if k != "class_embedding.weight")
     emb = mine["class_embedding.weight"]
-    assert torch.equal(emb, public["class_embedding.weight"][-1].expand_as(emb))  # every row = public null row
+    assert torch.equal(emb[-1], public["class_embedding.weight"][-1])  # the null row is the public model's
+    assert torch.equal(emb[:-1], fresh[:-1])  # the private classes keep the fresh model's rows...
+    assert not torch.equal(emb[0], emb[1])  # ...which are distinct, so the condition can be learnt under DP noise
     card = json.loads((public_model / "model_card.json").read_text())
     assert record["content_hash"] == card["content_hash"] and record["trained_on"] == card["inputs"]["dataset"]
     assert "re-initialised" in record["class_embedding"] and record["public_class_names"] != ["normal", "pneumonia"]
