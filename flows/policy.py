@@ -53,6 +53,25 @@ class Policy(BaseModel):
         data = load_yaml(path)
         return build(cls, data.get("policy", data), source=path)
 
+    def loosened(self) -> tuple[str, ...]:
+        """Each rule this policy makes less strict than synthgate's defaults ("rule = value (default d)"): a
+        researcher must be told when a release passed a gate the steward lowered. Stricter settings are not listed."""
+        default = type(self)()
+        out = []
+        for name in type(self).model_fields:
+            mine, theirs = getattr(self, name), getattr(default, name)
+            if mine == theirs:
+                continue
+            if name.startswith("require_"):
+                looser = theirs and not mine
+            elif name.startswith("min_") or name == "disclosure_k":  # k: the smallest group released
+                looser = theirs is not None and (mine is None or mine < theirs)
+            else:  # max_*
+                looser = theirs is not None and (mine is None or mine > theirs)
+            if looser:
+                out.append(f"{name} = {'off' if mine is None else mine} (default {theirs})")
+        return tuple(out)
+
 
 class DPAuditOutcome(BaseModel):
     """What the gate needs of a canary audit (`privacy.dp_audit`): its ε lower bound and the ε its run claims."""

@@ -85,7 +85,7 @@ def release_facts(
         utility_audit=UtilityAuditFacts.from_utility(utility,
                                                      classifier="small ResNet-style CNN (reports/classifier.py)"),
         gate=GateFacts(verdict=verdict.decision, reasons=tuple(verdict.reasons),
-                       policy=cfg.policy.model_dump(mode="json")),
+                       policy=cfg.policy.model_dump(mode="json"), loosened=cfg.policy.loosened()),
         approval=approval,
         synthetic=SyntheticFacts.from_dataset(released, generation=generation_facts),
     )

@@ -294,6 +294,7 @@ class GateFacts(_Facts):
     verdict: Literal["pass", "block"]
     reasons: tuple[str, ...] = ()
     policy: dict[str, Any] = Field(default_factory=dict)
+    loosened: tuple[str, ...] = ()  # rules the steward set below synthgate's defaults (`Policy.loosened`)
 
     _plain = field_validator("policy")(_plain_dict)
 

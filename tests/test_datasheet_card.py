@@ -20,6 +20,7 @@ from reports.dataset_card import (
 from reports.datasheet import SECTIONS, render_datasheet
 from reports.facts import (
     ApprovalFacts,
+    GateFacts,
     ModelFacts,
     PrivacyAuditFacts,
     PrivacyFacts,
@@ -234,6 +235,16 @@ def test_datasheet_says_when_approval_was_automatic():
     assert "> Checked the audit." in human
     none = render_datasheet(demo_facts(approval=None))
     assert "No approval is recorded" in none
+
+
+def test_card_and_datasheet_declare_a_policy_looser_than_the_defaults():
+    lowered = demo_facts(gate=GateFacts(verdict="pass", loosened=("min_trts_balanced_accuracy = 0.3 (default 0.7)",)))
+    for text in (render_dataset_card(lowered), render_datasheet(lowered)):
+        plain = text.replace("\\", "")  # markdown escapes the rule's underscores
+        assert "less strict than synthgate's defaults" in plain and "min_trts_balanced_accuracy = 0.3" in plain
+    assert "under a policy less strict than the defaults" in render_dataset_card(lowered)
+    for text in (render_dataset_card(demo_facts()), render_datasheet(demo_facts())):
+        assert "less strict than" not in text
 
 
 def test_datasheet_not_dp():

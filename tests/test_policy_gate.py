@@ -102,3 +102,17 @@ def test_a_dp_release_needs_a_canary_audit_within_its_claim():
     assert gate(skipped, Policy(require_dp_audit=False)).passed
     # Not a DP release: nothing to audit.
     assert "dp_audit" not in {c.rule for c in gate(GOOD.model_copy(update={"dp": False}), Policy()).checks}
+
+
+def test_loosened_lists_only_rules_below_the_defaults():
+    assert Policy().loosened() == () and STRICT.loosened() == ()  # tighter than the defaults: nothing to declare
+    lowered = Policy(min_tstr_trtr_balanced_accuracy_ratio=0.6, min_trts_balanced_accuracy=None,
+                     max_flagged_fraction_before_filter=0.1, require_dp_audit=False, disclosure_k=2,
+                     max_epsilon=10, min_per_class_count=5)
+    assert lowered.loosened() == (
+        "max_flagged_fraction_before_filter = 0.1 (default 0.05)",
+        "min_tstr_trtr_balanced_accuracy_ratio = 0.6 (default 0.85)",
+        "min_trts_balanced_accuracy = off (default 0.7)",
+        "disclosure_k = 2 (default 5)",
+        "require_dp_audit = False (default True)",
+    )
