@@ -40,13 +40,15 @@ class LatentParts:
 
 def prepare_latent(
     data: TrainingData, config: TrainConfig, *, device: torch.device, ckpt_dir: Path, where_: Path, say: Any = None,
-    privacy: Any = None,
+    privacy: Any = None, heldout: torch.Tensor | None = None,
 ) -> tuple[TrainingData, ModelConfig, LatentParts]:
     """Autoencoder for the run, the train split as scaled latents, and the UNet config for them (the preset's
     network for the latent size class). The autoencoder is, in this order: the frozen one of a latent
     `config.init_from` model (public pretraining; never retrained here), one trained on the train split with DP
     (`privacy`, a `LatentPrivacy` strategy: its autoencoder strategy does the DP-SGD), or, without DP, one trained
-    on the train split; trained ones are kept in (and on resume reloaded from) `ckpt_dir/vae`."""
+    on the train split; trained ones are kept in (and on resume reloaded from) `ckpt_dir/vae`. `heldout`: whole
+    uint8 images outside the train split (the val split) on which a non-private autoencoder's reconstruction PSNR
+    is measured for the card (the training figure is on crops, and on images it has seen)."""
     side = int(data.image["height"])
     if side != int(data.image["width"]):
         raise InputError(where(where_, f"images are {data.image['height']}×{data.image['width']}; the latent "
@@ -57,6 +59,8 @@ def prepare_latent(
     else:
         vae, record = _trained_vae(data, config, side, device=device, ckpt_dir=ckpt_dir, where_=where_, say=say,
                                    privacy=privacy)
+        if privacy is None and heldout is not None and "heldout_psnr_db" not in record:
+            record.update(heldout_reconstruction(vae, heldout))
     # Post-processing: the latents are the (DP-trained or public) encoder applied to each private image, one image
     # to one latent, and the UNet's own DP-SGD then covers them like pixels: no more than the encoder's guarantee
     # (and the UNet's) leaks through them.
@@ -68,6 +72,21 @@ def prepare_latent(
     except (ConfigError, ValueError) as e:
         raise ConfigError(where(where_, f"latent UNet: {str(e).splitlines()[0]}")) from None
     return replace(data, images=latents), model_cfg, LatentParts(vae=vae, record=record, latent_shape=shape)
+
+
+def heldout_reconstruction(vae: Any, images: torch.Tensor, *, batch: int = 64) -> dict[str, Any]:
+    """Reconstruction MSE (on [-1, 1]) and PSNR of whole uint8 `images` through `vae` (posterior means)."""
+    import math
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in images.split(batch):
+            x = chunk.float().div(127.5).sub(1)
+            total += float((vae.decode(encode_means(vae, chunk)).sample - x).pow(2).sum())
+            count += x.numel()
+    mse = total / count
+    return {"heldout_reconstruction_mse": mse, "heldout_psnr_db": 10 * math.log10(4 / max(mse, 1e-12)),
+            "heldout": f"{len(images)} whole val-split images"}
 
 
 def public_vae_dir(config: TrainConfig) -> Path | None:

@@ -132,6 +132,16 @@ def load_training_data(dataset_dir: Path, attributes: tuple[str, ...] | str = ()
     )
 
 
+def load_split_images(dataset_dir: Path, split: str, *, limit: int) -> torch.Tensor | None:
+    """Up to `limit` images of `split` as uint8 N×C×H×W (in the dataset's order), or None when it has none."""
+    images, _ = load_dataset(Path(dataset_dir)).split(split)
+    if len(images) == 0:
+        return None
+    array = np.ascontiguousarray(images[:limit])
+    tensor = torch.from_numpy(array)
+    return tensor.unsqueeze(1) if array.ndim == 3 else tensor.permute(0, 3, 1, 2).contiguous()
+
+
 def model_config_for(data: TrainingData, preset_name: str, *, where_: Path) -> ModelConfig:
     """The UNet preset for the data's image size, channels and number of conditions."""
     height, width, channels = data.image["height"], data.image["width"], data.image["channels"]

@@ -61,6 +61,7 @@ from synth.train_data import (
     ImageConditionDataset,
     TrainingData,
     auto_attributes,
+    load_split_images,
     load_training_data,
     make_loader,
     model_config_for,
@@ -77,6 +78,7 @@ __all__ = [
     "train",
 ]
 
+HELDOUT_IMAGES = 256  # val images on which a non-private autoencoder's whole-image PSNR is measured
 LOSS_WINDOW = 50  # steps averaged for the reported final loss and each point of the loss curve
 
 
@@ -241,8 +243,11 @@ def _setup(
         if world.distributed:
             raise ConfigError(where("train config", "train.kind 'latent' runs in one process; set launch.nproc 1 "
                                                     "or train.kind 'pixel'"))
+        # Without DP, the card also gives the autoencoder's PSNR on whole val images (with DP no private figure
+        # outside DP-SGD is published).
+        heldout = load_split_images(dataset_dir, "val", limit=HELDOUT_IMAGES) if privacy is None else None
         data, model_cfg, latent = prepare_latent(data, config, device=device, ckpt_dir=ckpt_dir,
-                                                 where_=dataset_dir, say=stderr_say, privacy=privacy)
+                                                 where_=dataset_dir, say=stderr_say, privacy=privacy, heldout=heldout)
     else:
         model_cfg = model_config_for(data, config.preset, where_=dataset_dir)
     seeds = derive_seeds(config.seed)

@@ -97,6 +97,14 @@ def test_model_directory_holds_both_parts_and_records_the_scaling(latent_model, 
     assert vae.config.scaling_factor == pytest.approx(gen["scaling_factor"]) and gen["scaling_factor"] != 1.0
     unet_cfg = json.loads((latent_model / "unet_ema" / "config.json").read_text())
     assert unet_cfg["in_channels"] == 4 and unet_cfg["sample_size"] == 14
+    # The card's held-out PSNR is the val split's whole images through the saved autoencoder (posterior means).
+    from synth.latent_training import heldout_reconstruction
+    from synth.train_data import load_split_images
+
+    val = load_split_images(pneumonia_slice, "val", limit=256)
+    ae = gen["autoencoder"]
+    assert ae["heldout"] == f"{len(val)} whole val-split images"
+    assert ae["heldout_psnr_db"] == pytest.approx(heldout_reconstruction(vae.eval(), val)["heldout_psnr_db"], abs=1e-3)
     # Scaled training latents have unit variance: the factor was measured on them, not assumed.
     from synth.autoencoder import encode_means, scale_latents
     from synth.train_data import load_training_data
