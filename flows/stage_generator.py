@@ -69,9 +69,9 @@ def guidance_stage(cfg: ReleaseConfig, dataset: Path, model: Path) -> ReleaseCon
     g = cfg.generate
     if g.guidance_scale != "auto":
         return cfg.model_copy(update={"generate": g.model_copy(update={"weights": resolved_weights(g.weights)})})
-    from reports.guidance import GuidanceSelectionConfig, load_guidance, select_guidance
+    from reports.guidance import load_guidance, select_guidance
 
-    selection = build_config(GuidanceSelectionConfig, g.guidance_selection, "generate.guidance_selection")
+    selection = selection_config(cfg)
     sampler = _generation_config(cfg)["sampler"]
     offered = None if g.weights == "auto" else [g.weights]
     out = run_stage(
@@ -85,6 +85,15 @@ def guidance_stage(cfg: ReleaseConfig, dataset: Path, model: Path) -> ReleaseCon
     chosen = load_guidance(out)
     return cfg.model_copy(update={"generate": g.model_copy(update={"guidance_scale": chosen.guidance_scale,
                                                                    "weights": chosen.weights})})
+
+
+def selection_config(cfg: ReleaseConfig) -> Any:
+    """The release's `GuidanceSelectionConfig`: `generate.guidance_selection`, aimed at what the gate judges (its
+    TRTS floor is the policy's `min_trts_balanced_accuracy` unless the section sets `trts_floor` itself)."""
+    from reports.guidance import GuidanceSelectionConfig
+
+    given = {"trts_floor": cfg.policy.min_trts_balanced_accuracy, **cfg.generate.guidance_selection}
+    return build_config(GuidanceSelectionConfig, given, "generate.guidance_selection")
 
 
 def resolved_weights(weights: str) -> str:

@@ -19,6 +19,14 @@ offers them beside its final EMA weights, because more training is not always be
 `snapshot_scale` (one candidate each, the same objective); the grid of scales above then runs on the winner only
 (near-ties go to the later step). That costs one candidate per snapshot instead of a grid per snapshot.
 
+With a TRTS floor (`trts_floor`; a release takes it from its policy's `min_trts_balanced_accuracy`), a classifier
+trained once on the real train split (checkpoint on real val, as the audit's TRTR) also scores each candidate's
+images: the balanced accuracy with which it recognises the class each was generated for (TRTS on generated, not
+test, images). Candidates at or above the floor are then chosen among as above; when none reaches it, the one
+with the highest TRTS (the gate blocks any other). Without a floor the objective is TSTR alone: a DP release at
+ε = 10 chose scale 2 for TSTR and was blocked at TRTS 0.57, although guidance is the lever that trades diversity
+for class fidelity.
+
 The real test split is never touched. Output: one atomic directory with `guidance.json` (kind
 "guidance_selection": every candidate's scores, the chosen scale, the objective), read through `GuidanceSelection`
 (`load_guidance`); the generation stage reads the chosen scale from it, and the dataset card and datasheet report it.
@@ -66,6 +74,11 @@ class GuidanceSelectionConfig(BaseModel):
     # The audit's classifier with smaller batches: a few hundred images still give it its minimum steps in a few
     # dozen epochs (each epoch is scored on real val).
     classifier: ClassifierConfig = ClassifierConfig(threads=1, batch_size=32)
+    trts_floor: float | None = Field(None, ge=0, le=1, description="least TRTS balanced accuracy a choice should "
+                                     "have (see the module docstring); None: TSTR alone")
+    real_per_class: int = Field(1000, ge=10, description="real train images per class for the TRTS classifier")
+    # The TRTS judge: the audit's own classifier settings (its TRTR), trained once per selection.
+    real_classifier: ClassifierConfig = ClassifierConfig(threads=1)
 
     @field_validator("candidates")
     @classmethod
@@ -86,7 +99,7 @@ class GuidanceSelectionConfig(BaseModel):
     def extension(self, tried: dict[float, Any]) -> float | None:
         """The next scale of `extend` to try given the scores so far, or None: only while the largest scale tried
         is the choice."""
-        if not tried or choose(tried) != max(tried):
+        if not tried or choose(tried, floor=self.trts_floor) != max(tried):
             return None
         return next((g for g in self.extend if g > max(tried)), None)
 
@@ -101,9 +114,22 @@ def _score(images: np.ndarray, labels: np.ndarray, val_images: np.ndarray, val_l
             "auroc": m["auroc"]["value"]}
 
 
-def choose(scores: dict[float, dict[str, Any]]) -> float:
+def _meeting(scores: dict[Any, dict[str, Any]], floor: float | None) -> dict[Any, dict[str, Any]]:
+    """The candidates whose TRTS reaches `floor`; when none does, the one(s) with the highest TRTS."""
+    if floor is None:
+        return scores
+    trts = {k: s.get("trts_balanced_accuracy") or 0.0 for k, s in scores.items()}
+    meeting = {k: s for k, s in scores.items() if trts[k] >= floor}
+    if meeting:
+        return meeting
+    top = max(trts.values())
+    return {k: s for k, s in scores.items() if trts[k] >= top - TIE}
+
+
+def choose(scores: dict[float, dict[str, Any]], *, floor: float | None = None) -> float:
     """The scale with the best balanced accuracy; within `TIE` of it, the best worst-class sensitivity, then the
-    smallest scale."""
+    smallest scale. With `floor`, only among the scales whose TRTS reaches it (`_meeting`)."""
+    scores = _meeting(scores, floor)
     best = max(s["balanced_accuracy"] or 0.0 for s in scores.values())
     near = [g for g, s in scores.items() if (s["balanced_accuracy"] or 0.0) >= best - TIE]
     top = max(scores[g]["worst_class_sensitivity"] or 0.0 for g in near)
@@ -115,9 +141,10 @@ def weights_step(weights: str, final_step: int) -> int:
     return int(weights.partition("@")[2]) if "@" in weights else int(final_step)
 
 
-def choose_weights(scores: dict[str, dict[str, Any]], steps: dict[str, int]) -> str:
+def choose_weights(scores: dict[str, dict[str, Any]], steps: dict[str, int], *, floor: float | None = None) -> str:
     """The weights with the best balanced accuracy; within `TIE` of it, the best worst-class sensitivity, then the
-    latest step (the most trained of equals)."""
+    latest step (the most trained of equals). With `floor`, only among those whose TRTS reaches it."""
+    scores = _meeting(scores, floor)
     best = max(s["balanced_accuracy"] or 0.0 for s in scores.values())
     near = [w for w, s in scores.items() if (s["balanced_accuracy"] or 0.0) >= best - TIE]
     top = max(scores[w]["worst_class_sensitivity"] or 0.0 for w in near)
@@ -162,6 +189,10 @@ def select_guidance(
     step_of = {w: weights_step(w, final_step) for w in offered}
     by_weights: dict[str, dict[str, Any]] = {}
     scores: dict[float, dict[str, Any]] = {}
+    real_clf = None
+    if cfg.trts_floor is not None:
+        say(f"training a classifier on the real train split (≤ {cfg.real_per_class} per class) for TRTS")
+        real_clf = _real_classifier(real, val_images, val_labels, names, cfg)
     with tempfile.TemporaryDirectory(prefix="synthgate-guidance-") as tmp:
 
         def score(w: str, g: float) -> dict[str, Any]:
@@ -173,15 +204,21 @@ def select_guidance(
                            progress=False)
             ds = load_dataset(syn)
             with torch_threads(cfg.classifier.threads):
-                result = _score(np.asarray(ds.images), ds.metadata["label"].to_numpy(dtype=np.int64),
-                                np.asarray(val_images), val_labels, names, cfg)
-            say(f"{name}: validation balanced accuracy {result['balanced_accuracy']:.3f}")
+                syn_images, syn_labels = np.asarray(ds.images), ds.metadata["label"].to_numpy(dtype=np.int64)
+                result = _score(syn_images, syn_labels, np.asarray(val_images), val_labels, names, cfg)
+                if real_clf is not None:
+                    trts = classification_metrics(syn_labels, real_clf.predict_proba(syn_images),
+                                                  class_names=names, n_boot=0)
+                    result["trts_balanced_accuracy"] = trts["balanced_accuracy"]["value"]
+            say(f"{name}: validation balanced accuracy {result['balanced_accuracy']:.3f}"
+                + (f", TRTS {result['trts_balanced_accuracy']:.3f}" if real_clf is not None else ""))
             return result
 
         if len(offered) > 1:
             for w in sorted(offered, key=step_of.__getitem__):
                 by_weights[w] = score(w, cfg.snapshot_scale)
-        chosen_weights = choose_weights(by_weights, step_of) if by_weights else offered[0]
+        chosen_weights = (choose_weights(by_weights, step_of, floor=cfg.trts_floor) if by_weights
+                          else offered[0])
         if by_weights:
             scores[cfg.snapshot_scale] = by_weights[chosen_weights]
         queue: list[float] = [g for g in cfg.candidates if g not in scores]
@@ -190,7 +227,10 @@ def select_guidance(
             scores[g] = score(chosen_weights, g)
             if not queue and (nxt := cfg.extension(scores)) is not None:
                 queue.append(nxt)
-    chosen = choose(scores)
+    chosen = choose(scores, floor=cfg.trts_floor)
+    floor_text = ("" if cfg.trts_floor is None else
+                  f"; only among candidates whose images a real-trained classifier recognises with balanced "
+                  f"accuracy ≥ {cfg.trts_floor:g} (TRTS floor), or, when none does, the highest TRTS")
     body = {
         "guidance_scale": chosen,
         "weights": chosen_weights,
@@ -198,7 +238,8 @@ def select_guidance(
         "objective": "balanced accuracy on the real validation split of a classifier trained on generated "
                      "images (worst-class sensitivity breaks ties, then the smaller scale; larger scales are "
                      "tried while the largest tried wins; with EMA snapshots, each weights is compared at "
-                     f"scale {cfg.snapshot_scale:g} first, near-ties going to the later step)",
+                     f"scale {cfg.snapshot_scale:g} first, near-ties going to the later step){floor_text}",
+        "trts_floor": cfg.trts_floor,
         "weights_candidates": [{"weights": w, "step": step_of[w], "guidance_scale": cfg.snapshot_scale, **s}
                                for w, s in by_weights.items()],
         "candidates": [{"guidance_scale": g, **s} for g, s in sorted(scores.items())],
@@ -213,6 +254,20 @@ def select_guidance(
     return out
 
 
+def _real_classifier(real: Any, val_images: Any, val_labels: np.ndarray, names: list[str],
+                     cfg: GuidanceSelectionConfig) -> Any:
+    """The audit's classifier trained on (up to `real_per_class` per class of) the real train split, checkpoint on
+    real val: the TRTS judge for the candidates."""
+    images, meta = real.split("train")
+    labels = meta["label"].to_numpy(dtype=np.int64)
+    rng = np.random.default_rng(cfg.seed)
+    keep = np.sort(np.concatenate([
+        rng.permutation(np.flatnonzero(labels == c))[: cfg.real_per_class] for c in range(len(names))]))
+    with torch_threads(cfg.real_classifier.threads):
+        return train_classifier(np.asarray(images)[keep], labels[keep], np.asarray(val_images), val_labels,
+                                config=cfg.real_classifier, num_classes=len(names))
+
+
 class GuidanceCandidate(BaseModel):
     """One tried scale and its validation scores (`_score`; None where a metric was undefined)."""
 
@@ -223,6 +278,7 @@ class GuidanceCandidate(BaseModel):
     worst_class_sensitivity: float | None = None
     worst_class: str | None = None
     auroc: float | None = None
+    trts_balanced_accuracy: float | None = None  # with a TRTS floor: the real-trained classifier on these images
 
 
 class WeightsCandidate(GuidanceCandidate):
@@ -240,6 +296,7 @@ class GuidanceSelection(HeaderModel):
     weights: str = "ema"
     weights_step: int | None = None
     objective: str = ""
+    trts_floor: float | None = None
     candidates: list[GuidanceCandidate] = Field(default_factory=list)
     weights_candidates: list[WeightsCandidate] = Field(default_factory=list)
     sampler: str | None = None
@@ -249,9 +306,9 @@ class GuidanceSelection(HeaderModel):
     def facts(self) -> dict[str, Any]:
         """What the release documents say about the selection: the choice, the objective, each candidate's
         scores on the gate's utility metrics."""
-        keep = {"guidance_scale", "balanced_accuracy", "worst_class_sensitivity"}
+        keep = {"guidance_scale", "balanced_accuracy", "worst_class_sensitivity", "trts_balanced_accuracy"}
         return {"guidance_scale": self.guidance_scale, "weights": self.weights, "weights_step": self.weights_step,
-                "objective": self.objective,
+                "objective": self.objective, "trts_floor": self.trts_floor,
                 "candidates": [c.model_dump(include=keep) for c in self.candidates],
                 "weights_candidates": [c.model_dump(include={"weights", "step", *keep})
                                        for c in self.weights_candidates]}

@@ -183,11 +183,15 @@ def test_guidance_selection_is_typed(tmp_path: Path) -> None:
     write_header(tmp_path, HEADER, kind=KIND, schema_version=1, files=[], body=body)
     selection = load_guidance(tmp_path)
     assert selection.guidance_scale == 2.0 and read_guidance(tmp_path)["steps"] == 10
-    # A selection written before EMA snapshots were offered reads as the final EMA weights.
+    # A selection written before EMA snapshots were offered reads as the final EMA weights; one written before
+    # TRTS floors, as chosen without one.
     assert selection.facts() == {"guidance_scale": 2.0, "weights": "ema", "weights_step": None,
-                                 "objective": "balanced accuracy", "weights_candidates": [], "candidates": [
-        {"guidance_scale": 1.0, "balanced_accuracy": 0.8, "worst_class_sensitivity": 0.7},
-        {"guidance_scale": 2.0, "balanced_accuracy": 0.85, "worst_class_sensitivity": None}]}
+                                 "objective": "balanced accuracy", "trts_floor": None, "weights_candidates": [],
+                                 "candidates": [
+        {"guidance_scale": 1.0, "balanced_accuracy": 0.8, "worst_class_sensitivity": 0.7,
+         "trts_balanced_accuracy": None},
+        {"guidance_scale": 2.0, "balanced_accuracy": 0.85, "worst_class_sensitivity": None,
+         "trts_balanced_accuracy": None}]}
 
     header = json.loads((tmp_path / HEADER).read_text())
     del header["guidance_scale"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from reports.classifier import ClassifierConfig
-from reports.guidance import GuidanceSelectionConfig, choose, read_guidance, select_guidance
+from reports.guidance import GuidanceSelectionConfig, choose, choose_weights, read_guidance, select_guidance
 from synth.data.canonical import Dataset, load_dataset
 from synth.errors import InputError
 from synth.pipeline import read_model_card
@@ -27,6 +27,35 @@ def test_choose_prefers_balanced_accuracy_then_the_worst_class_then_less_guidanc
     assert choose({1.0: _s(0.862, 0.60), 2.0: _s(0.860, 0.80)}) == 2.0
     # ... and when that ties too, the smaller scale (more diverse images) wins.
     assert choose({1.5: _s(0.85, 0.80), 1.0: _s(0.852, 0.801), 3.0: _s(0.70, 0.9)}) == 1.0
+
+
+def test_a_trts_floor_chooses_among_the_scales_that_reach_it() -> None:
+    def t(ba: float, trts: float) -> dict:
+        return {**_s(ba, 0.8), "trts_balanced_accuracy": trts}
+
+    scores = {1.0: t(0.86, 0.55), 2.0: t(0.84, 0.72), 3.0: t(0.80, 0.90)}
+    assert choose(scores) == 1.0  # TSTR alone
+    assert choose(scores, floor=0.7) == 2.0  # the best TSTR of those the real classifier recognises
+    assert choose(scores, floor=0.95) == 3.0  # none reaches it: the highest TRTS
+    assert choose(scores, floor=0.0) == choose(scores)
+    weights = {"ema@400": t(0.90, 0.6), "ema": t(0.85, 0.75)}
+    assert choose_weights(weights, {"ema@400": 400, "ema": 800}) == "ema@400"
+    assert choose_weights(weights, {"ema@400": 400, "ema": 800}, floor=0.7) == "ema"
+    # While the largest scale is the choice (here: the only one near the floor), a larger one is tried.
+    cfg = GuidanceSelectionConfig(extend=(5.0,), trts_floor=0.95)
+    assert cfg.extension(scores) == 5.0 and GuidanceSelectionConfig(extend=(5.0,)).extension(scores) is None
+
+
+def test_a_release_aims_the_selection_at_its_policy_trts_floor() -> None:
+    from flows.policy import Policy
+    from flows.release_config import ReleaseConfig
+    from flows.stage_generator import selection_config
+
+    assert selection_config(ReleaseConfig()).trts_floor == Policy().min_trts_balanced_accuracy == 0.7
+    assert selection_config(ReleaseConfig(policy={"min_trts_balanced_accuracy": 0.5})).trts_floor == 0.5
+    assert selection_config(ReleaseConfig(policy={"min_trts_balanced_accuracy": None})).trts_floor is None
+    own = ReleaseConfig(generate={"guidance_selection": {"trts_floor": 0.9}})
+    assert selection_config(own).trts_floor == 0.9
 
 
 def test_config_rejects_bad_candidates() -> None:
@@ -63,6 +92,40 @@ def test_selection_scores_every_candidate_on_val_never_test(pneumonia_slice: Pat
         assert 0.0 <= c["balanced_accuracy"] <= 1.0 and c["worst_class"] in ("normal", "pneumonia")
     with pytest.raises(InputError, match="already exists"):
         select_guidance(pneumonia_slice, model, out, sampler="ddim-2", config=cfg, device="cpu")
+
+
+def test_with_a_trts_floor_a_real_trained_classifier_scores_each_candidate(pneumonia_slice: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TRTS judge trains on the real train split (never test) and scores every candidate's images; the choice
+    follows the floor rule, and the header records the floor."""
+    import reports.guidance as guidance
+
+    torch.set_num_threads(1)
+    model = make_model_dir(tmp_path / "model", condition_counts=[32, 32])
+    read: list[str] = []
+    split = Dataset.split
+    monkeypatch.setattr(Dataset, "split", lambda self, name: (read.append(name), split(self, name))[1])
+    judged: list[int] = []
+    real_classifier = guidance._real_classifier
+
+    def spy(*args, **kwargs):
+        clf = real_classifier(*args, **kwargs)
+        predict = clf.predict_proba
+        clf.predict_proba = lambda x: (judged.append(len(x)), predict(x))[1]
+        return clf
+
+    monkeypatch.setattr(guidance, "_real_classifier", spy)
+    tiny = ClassifierConfig(epochs=1, width=4, batch_size=16, threads=1, min_steps=None)
+    cfg = GuidanceSelectionConfig(candidates=(1.0, 2.0), extend=(), per_class=10, classifier=tiny,
+                                  real_classifier=tiny, trts_floor=1.0)
+    header = read_guidance(select_guidance(pneumonia_slice, model, tmp_path / "g", sampler="ddim-2", config=cfg,
+                                           device="cpu"))
+    assert "train" in read and "test" not in read
+    assert judged == [20, 20]  # each candidate's 2 × 10 images, nothing else
+    scores = {c["guidance_scale"]: c for c in header["candidates"]}
+    assert all(0.0 <= c["trts_balanced_accuracy"] <= 1.0 for c in scores.values())
+    assert header["trts_floor"] == 1.0 and "TRTS floor" in header["objective"]
+    assert header["guidance_scale"] == choose(scores, floor=1.0)
 
 
 def test_release_config_takes_auto_or_a_scale_in_range() -> None:

@@ -56,7 +56,11 @@ def small_config(tmp, source, **updates):
         # guidance_scale "auto" (the default): chosen on real val from two candidates, with a 1-epoch classifier.
         "generate": {"n": 48, "batch_size": 48, "steps": 8,
                      "guidance_selection": {"candidates": [1.0, 2.0], "extend": [], "per_class": 10,
-                                            "classifier": {"epochs": 1, "min_steps": None, "threads": 1}}},
+                                            "classifier": {"epochs": 1, "min_steps": None, "threads": 1},
+                                            # Explicit, so that the default-policy run below reuses
+                                            # every stage (the floor otherwise follows the policy).
+                                            "trts_floor": None,
+                                            "real_classifier": {"epochs": 1, "min_steps": None, "threads": 1}}},
         "privacy_audit": {"encoder": {"steps": 20, "batch_size": 64}},
         "utility_audit": {"classifier": {"epochs": 1, "threads": 1, "min_steps": None}, "n_boot": 50, "ratios": [1.0],
                           "fidelity": False},
