@@ -24,7 +24,8 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     sample_size: int = Field(28, ge=8)
-    channels: int = Field(1, ge=1, le=4)
+    # Pixel channels (1 or 3), or a latent generator's latent channels (its autoencoder allows up to 16).
+    channels: int = Field(1, ge=1, le=16)
     num_conditions: int = Field(2, ge=1)
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)

@@ -114,6 +114,20 @@ def test_model_directory_holds_both_parts_and_records_the_scaling(latent_model, 
     assert float(z.std()) == pytest.approx(1.0, abs=1e-3) and abs(float(z.mean())) < 1e-3
 
 
+def test_more_latent_channels_reach_the_unet(tmp_path, pneumonia_slice):
+    """Any latent channel count the autoencoder config allows (up to 16) trains: the UNet takes that many channels
+    (a UNet capped at 4 once failed an 8-channel release after its autoencoder had trained)."""
+    from synth.autoencoder_config import AutoencoderConfig
+    from synth.training import train
+
+    cfg = TrainConfig(preset="tiny", kind="latent", max_steps=2, batch_size=16, threads=1,
+                      autoencoder={"max_steps": 2, "batch_size": 16, "latent_channels": 8})
+    model = train(pneumonia_slice, tmp_path / "model", cfg, progress=False)
+    unet_cfg = json.loads((model / "unet_ema" / "config.json").read_text())
+    assert unet_cfg["in_channels"] == unet_cfg["out_channels"] == 8
+    assert AutoencoderConfig.model_fields["latent_channels"].metadata[-1].le == 16  # the bound the UNet must take
+
+
 def test_plain_diffusers_decodes_the_same_pixels_as_synthgate(latent_model):
     from diffusers import DiffusionPipeline, UNet2DModel
 
