@@ -89,10 +89,12 @@ def guidance_stage(cfg: ReleaseConfig, dataset: Path, model: Path) -> ReleaseCon
 
 def selection_config(cfg: ReleaseConfig) -> Any:
     """The release's `GuidanceSelectionConfig`: `generate.guidance_selection`, aimed at what the gate judges (its
-    TRTS floor is the policy's `min_trts_balanced_accuracy` unless the section sets `trts_floor` itself)."""
+    TRTS and ratio floors are the policy's `min_trts_balanced_accuracy` and `min_tstr_trtr_balanced_accuracy_ratio`
+    unless the section sets `trts_floor` / `ratio_floor` itself)."""
     from reports.guidance import GuidanceSelectionConfig
 
-    given = {"trts_floor": cfg.policy.min_trts_balanced_accuracy, **cfg.generate.guidance_selection}
+    given = {"trts_floor": cfg.policy.min_trts_balanced_accuracy,
+             "ratio_floor": cfg.policy.min_tstr_trtr_balanced_accuracy_ratio, **cfg.generate.guidance_selection}
     return build_config(GuidanceSelectionConfig, given, "generate.guidance_selection")
 
 

@@ -22,8 +22,12 @@ offers them beside its final EMA weights, because more training is not always be
 With a TRTS floor (`trts_floor`; a release takes it from its policy's `min_trts_balanced_accuracy`), a classifier
 trained once on the real train split (checkpoint on real val, as the audit's TRTR) also scores each candidate's
 images: the balanced accuracy with which it recognises the class each was generated for (TRTS on generated, not
-test, images). Candidates at or above the floor are then chosen among as above; when none reaches it, the one
-with the highest TRTS (the gate blocks any other). Without a floor the objective is TSTR alone: a DP release at
+test, images), and its own val balanced accuracy (TRTR on val) turns each candidate's TSTR into a TSTR/TRTR ratio.
+Candidates that pass what the gate judges (TRTS ≥ the floor and, with `ratio_floor`, the policy's
+`min_tstr_trtr_balanced_accuracy_ratio`, the ratio ≥ it) are chosen among as above. When none passes, the one
+closest to passing: the best min(TRTS / floor, ratio / ratio_floor), so that neither rule is given up for the
+other (the gate blocks such a release either way; the steward then sees the least-failing one). Without a floor
+the objective is TSTR alone: a DP release at
 ε = 10 chose scale 2 for TSTR and was blocked at TRTS 0.57, although guidance is the lever that trades diversity
 for class fidelity.
 
@@ -76,6 +80,8 @@ class GuidanceSelectionConfig(BaseModel):
     classifier: ClassifierConfig = ClassifierConfig(threads=1, batch_size=32)
     trts_floor: float | None = Field(None, ge=0, le=1, description="least TRTS balanced accuracy a choice should "
                                      "have (see the module docstring); None: TSTR alone")
+    ratio_floor: float | None = Field(None, ge=0, description="least TSTR/TRTR balanced-accuracy ratio (on val) "
+                                      "a choice should have; used only with trts_floor")
     real_per_class: int = Field(1000, ge=10, description="real train images per class for the TRTS classifier")
     # The TRTS judge: the audit's own classifier settings (its TRTR), trained once per selection.
     real_classifier: ClassifierConfig = ClassifierConfig(threads=1)
@@ -99,7 +105,7 @@ class GuidanceSelectionConfig(BaseModel):
     def extension(self, tried: dict[float, Any]) -> float | None:
         """The next scale of `extend` to try given the scores so far, or None: only while the largest scale tried
         is the choice."""
-        if not tried or choose(tried, floor=self.trts_floor) != max(tried):
+        if not tried or choose(tried, floor=self.trts_floor, ratio_floor=self.ratio_floor) != max(tried):
             return None
         return next((g for g in self.extend if g > max(tried)), None)
 
@@ -114,22 +120,35 @@ def _score(images: np.ndarray, labels: np.ndarray, val_images: np.ndarray, val_l
             "auroc": m["auroc"]["value"]}
 
 
-def _meeting(scores: dict[Any, dict[str, Any]], floor: float | None) -> dict[Any, dict[str, Any]]:
-    """The candidates whose TRTS reaches `floor`; when none does, the one(s) with the highest TRTS."""
+def _margin(score: dict[str, Any], floor: float, ratio_floor: float | None) -> float:
+    """How far a candidate is from failing the gate's utility floors: min(TRTS / floor, ratio / ratio_floor) (≥ 1:
+    it passes both; a missing ratio is left out)."""
+    margins = [(score.get("trts_balanced_accuracy") or 0.0) / max(floor, 1e-9)]
+    ratio = score.get("tstr_trtr_ratio")
+    if ratio_floor is not None and ratio is not None:
+        margins.append(ratio / max(ratio_floor, 1e-9))
+    return min(margins)
+
+
+def _meeting(scores: dict[Any, dict[str, Any]], floor: float | None,
+             ratio_floor: float | None = None) -> dict[Any, dict[str, Any]]:
+    """The candidates that pass the floors (TRTS ≥ `floor`, TSTR/TRTR ratio ≥ `ratio_floor`); when none does, the
+    one(s) closest to passing (the best `_margin`, within `TIE`)."""
     if floor is None:
         return scores
-    trts = {k: s.get("trts_balanced_accuracy") or 0.0 for k, s in scores.items()}
-    meeting = {k: s for k, s in scores.items() if trts[k] >= floor}
-    if meeting:
-        return meeting
-    top = max(trts.values())
-    return {k: s for k, s in scores.items() if trts[k] >= top - TIE}
+    margin = {k: _margin(s, floor, ratio_floor) for k, s in scores.items()}
+    passing = {k: s for k, s in scores.items() if margin[k] >= 1.0}
+    if passing:
+        return passing
+    top = max(margin.values())
+    return {k: s for k, s in scores.items() if margin[k] >= top - TIE}
 
 
-def choose(scores: dict[float, dict[str, Any]], *, floor: float | None = None) -> float:
+def choose(scores: dict[float, dict[str, Any]], *, floor: float | None = None,
+           ratio_floor: float | None = None) -> float:
     """The scale with the best balanced accuracy; within `TIE` of it, the best worst-class sensitivity, then the
-    smallest scale. With `floor`, only among the scales whose TRTS reaches it (`_meeting`)."""
-    scores = _meeting(scores, floor)
+    smallest scale. With `floor`, only among the scales that pass the floors, or are closest to (`_meeting`)."""
+    scores = _meeting(scores, floor, ratio_floor)
     best = max(s["balanced_accuracy"] or 0.0 for s in scores.values())
     near = [g for g, s in scores.items() if (s["balanced_accuracy"] or 0.0) >= best - TIE]
     top = max(scores[g]["worst_class_sensitivity"] or 0.0 for g in near)
@@ -141,10 +160,11 @@ def weights_step(weights: str, final_step: int) -> int:
     return int(weights.partition("@")[2]) if "@" in weights else int(final_step)
 
 
-def choose_weights(scores: dict[str, dict[str, Any]], steps: dict[str, int], *, floor: float | None = None) -> str:
+def choose_weights(scores: dict[str, dict[str, Any]], steps: dict[str, int], *, floor: float | None = None,
+                   ratio_floor: float | None = None) -> str:
     """The weights with the best balanced accuracy; within `TIE` of it, the best worst-class sensitivity, then the
-    latest step (the most trained of equals). With `floor`, only among those whose TRTS reaches it."""
-    scores = _meeting(scores, floor)
+    latest step (the most trained of equals). With `floor`, only among those that pass the floors (`_meeting`)."""
+    scores = _meeting(scores, floor, ratio_floor)
     best = max(s["balanced_accuracy"] or 0.0 for s in scores.values())
     near = [w for w, s in scores.items() if (s["balanced_accuracy"] or 0.0) >= best - TIE]
     top = max(scores[w]["worst_class_sensitivity"] or 0.0 for w in near)
@@ -189,10 +209,12 @@ def select_guidance(
     step_of = {w: weights_step(w, final_step) for w in offered}
     by_weights: dict[str, dict[str, Any]] = {}
     scores: dict[float, dict[str, Any]] = {}
-    real_clf = None
+    real_clf, trtr_val = None, None
     if cfg.trts_floor is not None:
         say(f"training a classifier on the real train split (≤ {cfg.real_per_class} per class) for TRTS")
         real_clf = _real_classifier(real, val_images, val_labels, names, cfg)
+        trtr_val = classification_metrics(val_labels, real_clf.predict_proba(np.asarray(val_images)),
+                                          class_names=names, n_boot=0)["balanced_accuracy"]["value"]
     with tempfile.TemporaryDirectory(prefix="synthgate-guidance-") as tmp:
 
         def score(w: str, g: float) -> dict[str, Any]:
@@ -210,6 +232,8 @@ def select_guidance(
                     trts = classification_metrics(syn_labels, real_clf.predict_proba(syn_images),
                                                   class_names=names, n_boot=0)
                     result["trts_balanced_accuracy"] = trts["balanced_accuracy"]["value"]
+                    if trtr_val:
+                        result["tstr_trtr_ratio"] = result["balanced_accuracy"] / trtr_val
             say(f"{name}: validation balanced accuracy {result['balanced_accuracy']:.3f}"
                 + (f", TRTS {result['trts_balanced_accuracy']:.3f}" if real_clf is not None else ""))
             return result
@@ -217,7 +241,8 @@ def select_guidance(
         if len(offered) > 1:
             for w in sorted(offered, key=step_of.__getitem__):
                 by_weights[w] = score(w, cfg.snapshot_scale)
-        chosen_weights = (choose_weights(by_weights, step_of, floor=cfg.trts_floor) if by_weights
+        chosen_weights = (choose_weights(by_weights, step_of, floor=cfg.trts_floor, ratio_floor=cfg.ratio_floor)
+                          if by_weights
                           else offered[0])
         if by_weights:
             scores[cfg.snapshot_scale] = by_weights[chosen_weights]
@@ -227,10 +252,12 @@ def select_guidance(
             scores[g] = score(chosen_weights, g)
             if not queue and (nxt := cfg.extension(scores)) is not None:
                 queue.append(nxt)
-    chosen = choose(scores, floor=cfg.trts_floor)
+    chosen = choose(scores, floor=cfg.trts_floor, ratio_floor=cfg.ratio_floor)
     floor_text = ("" if cfg.trts_floor is None else
                   f"; only among candidates whose images a real-trained classifier recognises with balanced "
-                  f"accuracy ≥ {cfg.trts_floor:g} (TRTS floor), or, when none does, the highest TRTS")
+                  f"accuracy ≥ {cfg.trts_floor:g} (TRTS floor)"
+                  + ("" if cfg.ratio_floor is None else f" and whose TSTR/TRTR ratio on val is ≥ {cfg.ratio_floor:g}")
+                  + "; when none does, the one closest to passing (best min(TRTS/floor, ratio/floor))")
     body = {
         "guidance_scale": chosen,
         "weights": chosen_weights,
@@ -240,6 +267,8 @@ def select_guidance(
                      "tried while the largest tried wins; with EMA snapshots, each weights is compared at "
                      f"scale {cfg.snapshot_scale:g} first, near-ties going to the later step){floor_text}",
         "trts_floor": cfg.trts_floor,
+        "ratio_floor": cfg.ratio_floor,
+        "trtr_val_balanced_accuracy": trtr_val,
         "weights_candidates": [{"weights": w, "step": step_of[w], "guidance_scale": cfg.snapshot_scale, **s}
                                for w, s in by_weights.items()],
         "candidates": [{"guidance_scale": g, **s} for g, s in sorted(scores.items())],
@@ -279,6 +308,7 @@ class GuidanceCandidate(BaseModel):
     worst_class: str | None = None
     auroc: float | None = None
     trts_balanced_accuracy: float | None = None  # with a TRTS floor: the real-trained classifier on these images
+    tstr_trtr_ratio: float | None = None  # with a TRTS floor: balanced_accuracy / the real classifier's on val
 
 
 class WeightsCandidate(GuidanceCandidate):

@@ -38,6 +38,13 @@ def test_a_trts_floor_chooses_among_the_scales_that_reach_it() -> None:
     assert choose(scores, floor=0.7) == 2.0  # the best TSTR of those the real classifier recognises
     assert choose(scores, floor=0.95) == 3.0  # none reaches it: the highest TRTS
     assert choose(scores, floor=0.0) == choose(scores)
+    # With a ratio floor too, a candidate must pass both; when none does, the least-failing one (min of the two
+    # margins) wins, not simply the highest TRTS.
+    both = {1.0: {**t(0.86, 0.55), "tstr_trtr_ratio": 0.95}, 3.0: {**t(0.50, 0.90), "tstr_trtr_ratio": 0.55},
+            5.0: {**t(0.45, 0.95), "tstr_trtr_ratio": 0.50}, 2.0: {**t(0.80, 0.66), "tstr_trtr_ratio": 0.88}}
+    assert choose(both, floor=0.7, ratio_floor=0.85) == 2.0  # margins 0.79 / 0.65 / 0.59 / 0.94
+    assert choose(both, floor=0.7) == 3.0  # without the ratio floor: 3 and 5 pass on TRTS, 3 has the better TSTR
+    assert choose({**both, 2.5: {**t(0.78, 0.72), "tstr_trtr_ratio": 0.86}}, floor=0.7, ratio_floor=0.85) == 2.5
     weights = {"ema@400": t(0.90, 0.6), "ema": t(0.85, 0.75)}
     assert choose_weights(weights, {"ema@400": 400, "ema": 800}) == "ema@400"
     assert choose_weights(weights, {"ema@400": 400, "ema": 800}, floor=0.7) == "ema"
@@ -52,6 +59,7 @@ def test_a_release_aims_the_selection_at_its_policy_trts_floor() -> None:
     from flows.stage_generator import selection_config
 
     assert selection_config(ReleaseConfig()).trts_floor == Policy().min_trts_balanced_accuracy == 0.7
+    assert selection_config(ReleaseConfig()).ratio_floor == Policy().min_tstr_trtr_balanced_accuracy_ratio == 0.85
     assert selection_config(ReleaseConfig(policy={"min_trts_balanced_accuracy": 0.5})).trts_floor == 0.5
     assert selection_config(ReleaseConfig(policy={"min_trts_balanced_accuracy": None})).trts_floor is None
     own = ReleaseConfig(generate={"guidance_selection": {"trts_floor": 0.9}})
@@ -121,9 +129,11 @@ def test_with_a_trts_floor_a_real_trained_classifier_scores_each_candidate(pneum
     header = read_guidance(select_guidance(pneumonia_slice, model, tmp_path / "g", sampler="ddim-2", config=cfg,
                                            device="cpu"))
     assert "train" in read and "test" not in read
-    assert judged == [20, 20]  # each candidate's 2 × 10 images, nothing else
+    assert judged == [32, 20, 20]  # real val once (TRTR on val, for the ratios), then each candidate's 2 × 10 images
     scores = {c["guidance_scale"]: c for c in header["candidates"]}
     assert all(0.0 <= c["trts_balanced_accuracy"] <= 1.0 for c in scores.values())
+    trtr = header["trtr_val_balanced_accuracy"]
+    assert all(c["tstr_trtr_ratio"] == pytest.approx(c["balanced_accuracy"] / trtr) for c in scores.values())
     assert header["trts_floor"] == 1.0 and "TRTS floor" in header["objective"]
     assert header["guidance_scale"] == choose(scores, floor=1.0)
 
