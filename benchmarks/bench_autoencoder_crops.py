@@ -13,7 +13,6 @@ uses). Prints a Markdown table. Run it pinned to one core with one thread for co
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ def main() -> None:
     import torch
     from bench_latent_ceiling import ceiling
 
-    from synth.autoencoder import encode_means, train_vae
+    from synth.autoencoder import heldout_reconstruction, train_vae
     from synth.autoencoder_config import AUTOENCODER_PRESETS, AutoencoderConfig
 
     torch.set_num_threads(args.threads)
@@ -55,11 +54,9 @@ def main() -> None:
         started = time.monotonic()
         vae, record = train_vae(train, cfg, seed=0, device=torch.device("cpu"))
         seconds = time.monotonic() - started
-        with torch.no_grad():
-            x = val.float().div(127.5).sub(1)
-            mse = float((vae.decode(encode_means(vae, val)).sample - x).pow(2).mean())
-        rows.append({"crop": crop or None, "steps": record["steps"], "mse": mse, "psnr": 10 * math.log10(4 / mse),
-                     "s": seconds})
+        held = heldout_reconstruction(vae, val)
+        rows.append({"crop": crop or None, "steps": record["steps"], "mse": held["heldout_reconstruction_mse"],
+                     "psnr": held["heldout_psnr_db"], "s": seconds})
         if args.ceiling is not None:
             row = ceiling(args.ceiling, vae)
             rows[-1].update({"tstr": row["tstr"], "trts": row["trts"], "trtr": row["trtr"]})

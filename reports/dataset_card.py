@@ -231,6 +231,14 @@ def _public_pretraining(public: dict | None) -> str:
     )
 
 
+def loosened_statement(facts: ReleaseFacts) -> Markup | str:
+    """The rules the steward's policy set below synthgate's defaults (`Policy.loosened`), or "" when none."""
+    if not facts.gate.loosened:
+        return ""
+    return (Markup("The steward's policy is **less strict than synthgate's defaults** in these rules, so a pass "
+                   "here is not a pass of the default gate: ") + md_escape("; ".join(facts.gate.loosened)) + ".")
+
+
 def approval_statement(facts: ReleaseFacts) -> str:
     """Who approved the release, saying plainly when nobody did."""
     a = facts.approval
@@ -362,6 +370,7 @@ def template_context(facts: ReleaseFacts) -> dict[str, Any]:
         "image_description": image_description(facts),
         "privacy_statement": privacy_statement(facts),
         "approval_statement": approval_statement(facts),
+        "loosened_statement": loosened_statement(facts),
         "balance_statement": balance_statement(facts),
         "utility_statement": utility_statement(facts),
         "license": facts.release_license,

@@ -27,9 +27,8 @@ Candidates that pass what the gate judges (TRTS ≥ the floor and, with `ratio_f
 `min_tstr_trtr_balanced_accuracy_ratio`, the ratio ≥ it) are chosen among as above. When none passes, the one
 closest to passing: the best min(TRTS / floor, ratio / ratio_floor), so that neither rule is given up for the
 other (the gate blocks such a release either way; the steward then sees the least-failing one). Without a floor
-the objective is TSTR alone: a DP release at
-ε = 10 chose scale 2 for TSTR and was blocked at TRTS 0.57, although guidance is the lever that trades diversity
-for class fidelity.
+the objective is TSTR alone: a DP release at ε = 10 chose scale 2 for TSTR and was blocked at TRTS 0.57, although
+guidance is the lever that trades diversity for class fidelity.
 
 The real test split is never touched. Output: one atomic directory with `guidance.json` (kind
 "guidance_selection": every candidate's scores, the chosen scale, the objective), read through `GuidanceSelection`
@@ -241,9 +240,8 @@ def select_guidance(
         if len(offered) > 1:
             for w in sorted(offered, key=step_of.__getitem__):
                 by_weights[w] = score(w, cfg.snapshot_scale)
-        chosen_weights = (choose_weights(by_weights, step_of, floor=cfg.trts_floor, ratio_floor=cfg.ratio_floor)
-                          if by_weights
-                          else offered[0])
+        floors = {"floor": cfg.trts_floor, "ratio_floor": cfg.ratio_floor}
+        chosen_weights = choose_weights(by_weights, step_of, **floors) if by_weights else offered[0]
         if by_weights:
             scores[cfg.snapshot_scale] = by_weights[chosen_weights]
         queue: list[float] = [g for g in cfg.candidates if g not in scores]
@@ -252,7 +250,7 @@ def select_guidance(
             scores[g] = score(chosen_weights, g)
             if not queue and (nxt := cfg.extension(scores)) is not None:
                 queue.append(nxt)
-    chosen = choose(scores, floor=cfg.trts_floor, ratio_floor=cfg.ratio_floor)
+    chosen = choose(scores, **floors)
     floor_text = ("" if cfg.trts_floor is None else
                   f"; only among candidates whose images a real-trained classifier recognises with balanced "
                   f"accuracy ≥ {cfg.trts_floor:g} (TRTS floor)"

@@ -123,14 +123,31 @@ def random_crops(images: torch.Tensor, side: int | None, *, generator: torch.Gen
     return torch.stack([images[i, :, t : t + side_h, s : s + side_w] for i, (t, s) in pairs])
 
 
+def psnr_db(mse: float) -> float:
+    """PSNR of an MSE measured on [-1, 1] pixels (the [0, 255] MSE times (2/255)²): 10·log10(4 / mse)."""
+    return 10 * math.log10(4 / max(mse, 1e-12))
+
+
+def heldout_reconstruction(vae: Any, images: torch.Tensor, *, batch: int = 64) -> dict[str, Any]:
+    """Reconstruction MSE (on [-1, 1]) and PSNR of whole uint8 N×C×H×W `images` through `vae` (posterior means)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in images.split(batch):
+            x = _to_float(chunk)
+            total += float((vae.decode(encode_means(vae, chunk)).sample - x).pow(2).sum())
+            count += x.numel()
+    mse = total / count
+    return {"heldout_reconstruction_mse": mse, "heldout_psnr_db": psnr_db(mse),
+            "heldout": f"{len(images)} whole val-split images"}
+
+
 def _record(step: int, losses: list[float], seconds: float, config: AutoencoderConfig) -> dict[str, Any]:
     if step == 0:
         raise ConfigError("autoencoder training stopped before its first step (max_minutes too small?)")
     tail = [x for x in losses if math.isfinite(x)][-20:] or [math.nan]
     mse = sum(tail) / len(tail)
-    # MSE on [-1, 1] is (2/255)² times the MSE on [0, 255]: PSNR = 10·log10(4 / mse).
     record = {"steps": step, "seconds": round(seconds, 2), "stopped_by": "max_steps" if step >= config.max_steps
-              else "max_minutes", "reconstruction_mse": mse, "psnr_db": 10 * math.log10(4 / max(mse, 1e-12))}
+              else "max_minutes", "reconstruction_mse": mse, "psnr_db": psnr_db(mse)}
     if config.crop is not None:
         record["measured_on"] = f"random {config.crop}×{config.crop} training crops"
     return record

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from synth.autoencoder import encode_means, fit_latent_scale, scale_latents, train_vae
+from synth.autoencoder import encode_means, fit_latent_scale, heldout_reconstruction, scale_latents, train_vae
 from synth.errors import ConfigError, InputError, where
 from synth.generator_kind import LATENT_DP_REFUSAL
 from synth.model import ModelConfig
@@ -72,21 +72,6 @@ def prepare_latent(
     except (ConfigError, ValueError) as e:
         raise ConfigError(where(where_, f"latent UNet: {str(e).splitlines()[0]}")) from None
     return replace(data, images=latents), model_cfg, LatentParts(vae=vae, record=record, latent_shape=shape)
-
-
-def heldout_reconstruction(vae: Any, images: torch.Tensor, *, batch: int = 64) -> dict[str, Any]:
-    """Reconstruction MSE (on [-1, 1]) and PSNR of whole uint8 `images` through `vae` (posterior means)."""
-    import math
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for chunk in images.split(batch):
-            x = chunk.float().div(127.5).sub(1)
-            total += float((vae.decode(encode_means(vae, chunk)).sample - x).pow(2).sum())
-            count += x.numel()
-    mse = total / count
-    return {"heldout_reconstruction_mse": mse, "heldout_psnr_db": 10 * math.log10(4 / max(mse, 1e-12)),
-            "heldout": f"{len(images)} whole val-split images"}
 
 
 def public_vae_dir(config: TrainConfig) -> Path | None:

@@ -115,11 +115,7 @@ def load_training_data(dataset_dir: Path, attributes: tuple[str, ...] | str = ()
             where(dataset_dir, f"{space.num_conditions} label×attribute conditions (max {MAX_CONDITIONS})")
         )
     conditions = space.encode_frame(meta)
-    array = np.ascontiguousarray(images)
-    if array.ndim == 3:
-        tensor = torch.from_numpy(array).unsqueeze(1)
-    else:
-        tensor = torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+    tensor = _nchw(images)
     return TrainingData(
         images=tensor,
         conditions=torch.from_numpy(conditions.astype(np.int64)),
@@ -135,11 +131,13 @@ def load_training_data(dataset_dir: Path, attributes: tuple[str, ...] | str = ()
 def load_split_images(dataset_dir: Path, split: str, *, limit: int) -> torch.Tensor | None:
     """Up to `limit` images of `split` as uint8 N×C×H×W (in the dataset's order), or None when it has none."""
     images, _ = load_dataset(Path(dataset_dir)).split(split)
-    if len(images) == 0:
-        return None
-    array = np.ascontiguousarray(images[:limit])
-    tensor = torch.from_numpy(array)
-    return tensor.unsqueeze(1) if array.ndim == 3 else tensor.permute(0, 3, 1, 2).contiguous()
+    return _nchw(images[:limit]) if len(images) else None
+
+
+def _nchw(images: np.ndarray) -> torch.Tensor:
+    """Canonical uint8 N×H×W or N×H×W×C pixels as a uint8 N×C×H×W tensor."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    return tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2).contiguous()
 
 
 def model_config_for(data: TrainingData, preset_name: str, *, where_: Path) -> ModelConfig:

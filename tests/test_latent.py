@@ -98,7 +98,7 @@ def test_model_directory_holds_both_parts_and_records_the_scaling(latent_model, 
     unet_cfg = json.loads((latent_model / "unet_ema" / "config.json").read_text())
     assert unet_cfg["in_channels"] == 4 and unet_cfg["sample_size"] == 14
     # The card's held-out PSNR is the val split's whole images through the saved autoencoder (posterior means).
-    from synth.latent_training import heldout_reconstruction
+    from synth.autoencoder import heldout_reconstruction
     from synth.train_data import load_split_images
 
     val = load_split_images(pneumonia_slice, "val", limit=256)
