@@ -325,6 +325,8 @@ class GuidanceSelection(HeaderModel):
     weights_step: int | None = None
     objective: str = ""
     trts_floor: float | None = None
+    ratio_floor: float | None = None
+    trtr_val_balanced_accuracy: float | None = None
     candidates: list[GuidanceCandidate] = Field(default_factory=list)
     weights_candidates: list[WeightsCandidate] = Field(default_factory=list)
     sampler: str | None = None
@@ -336,7 +338,7 @@ class GuidanceSelection(HeaderModel):
         scores on the gate's utility metrics."""
         keep = {"guidance_scale", "balanced_accuracy", "worst_class_sensitivity", "trts_balanced_accuracy"}
         return {"guidance_scale": self.guidance_scale, "weights": self.weights, "weights_step": self.weights_step,
-                "objective": self.objective, "trts_floor": self.trts_floor,
+                "objective": self.objective, "trts_floor": self.trts_floor, "ratio_floor": self.ratio_floor,
                 "candidates": [c.model_dump(include=keep) for c in self.candidates],
                 "weights_candidates": [c.model_dump(include={"weights", "step", *keep})
                                        for c in self.weights_candidates]}

@@ -186,7 +186,8 @@ def test_guidance_selection_is_typed(tmp_path: Path) -> None:
     # A selection written before EMA snapshots were offered reads as the final EMA weights; one written before
     # TRTS floors, as chosen without one.
     assert selection.facts() == {"guidance_scale": 2.0, "weights": "ema", "weights_step": None,
-                                 "objective": "balanced accuracy", "trts_floor": None, "weights_candidates": [],
+                                 "objective": "balanced accuracy", "trts_floor": None, "ratio_floor": None,
+                                 "weights_candidates": [],
                                  "candidates": [
         {"guidance_scale": 1.0, "balanced_accuracy": 0.8, "worst_class_sensitivity": 0.7,
          "trts_balanced_accuracy": None},

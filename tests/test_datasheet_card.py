@@ -388,13 +388,15 @@ def test_card_and_datasheet_state_released_and_real_class_prevalence():
     assert "generated in **equal numbers**" in sheet
     assert "chosen on the real validation split, never the test split" in sheet
     floored = uniform.model_copy(update={"generation": {**uniform.generation, "guidance_selection": {
-        **uniform.generation["guidance_selection"], "trts_floor": 0.7,
+        **uniform.generation["guidance_selection"], "trts_floor": 0.7, "ratio_floor": 0.85,
         "candidates": [{"guidance_scale": 1.0, "balanced_accuracy": 0.88, "trts_balanced_accuracy": 0.55},
                        {"guidance_scale": 2.0, "balanced_accuracy": 0.84, "trts_balanced_accuracy": 0.81}]}}})
     card = render_dataset_card(demo_facts(synthetic=floored, source=real))
     assert "recognised with balanced accuracy ≥ 0.7 (TRTS" in card and "2.0 → 0.840, TRTS 0.810" in card
     assert "2.0: balanced accuracy 0.840, TRTS 0.810; TRTS floor 0.7" in render_datasheet(
         demo_facts(synthetic=floored, source=real))
+    assert "≥ 0.85× the real-trained one's balanced accuracy on val, or, when none did, the one closest" in card
+    assert "TSTR/TRTR ratio floor 0.85" in render_datasheet(demo_facts(synthetic=floored, source=real))
     prior = render_dataset_card(demo_facts(synthetic=uniform.model_copy(update={"generation": {"balance": "prior"}}),
                                            source=real))
     assert "in proportion to the real training set (`balance: prior`)" in prior
