@@ -62,15 +62,29 @@ class Policy(BaseModel):
             mine, theirs = getattr(self, name), getattr(default, name)
             if mine == theirs:
                 continue
-            if name.startswith("require_"):
+            way = LOOSER[name]
+            if way == "off":
                 looser = theirs and not mine
-            elif name.startswith("min_") or name == "disclosure_k":  # k: the smallest group released
+            elif way == "lower":
                 looser = theirs is not None and (mine is None or mine < theirs)
-            else:  # max_*
+            else:  # "higher"
                 looser = theirs is not None and (mine is None or mine > theirs)
             if looser:
                 out.append(f"{name} = {'off' if mine is None else mine} (default {theirs})")
         return tuple(out)
+
+
+# Which way each rule of `Policy` gets less strict: "higher" (a ceiling raised), "lower" (a floor lowered; k, the
+# smallest group released, too), "off" (a requirement dropped); None (unconstrained) is the loosest of all. Every
+# field is listed here, checked by a test, so a new rule is never judged by its name.
+LOOSER: dict[str, str] = {
+    "require_dp": "off", "max_epsilon": "higher", "max_delta": "higher", "max_flagged_fraction": "higher",
+    "max_flagged_fraction_before_filter": "higher", "max_membership_auc": "higher",
+    "max_membership_tpr_at_1pct_fpr": "higher", "min_tstr_trtr_balanced_accuracy_ratio": "lower",
+    "min_tstr_trtr_worst_class_ratio": "lower", "min_trts_balanced_accuracy": "lower", "min_tstr_trtr_ratio": "lower",
+    "min_trts_accuracy": "lower", "min_per_class_count": "lower", "disclosure_k": "lower",
+    "require_ledger_check": "off", "require_dp_audit": "off",
+}
 
 
 class DPAuditOutcome(BaseModel):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.policy import DPAuditOutcome, GateInputs, Policy, gate
+from flows.policy import LOOSER, DPAuditOutcome, GateInputs, Policy, gate
 from synth.errors import ConfigError, InputError
 
 GOOD = GateInputs(dp=True, epsilon=8.0, delta=1e-5, ledger_check_passed=True, flagged_fraction=0.0,
@@ -116,3 +116,20 @@ def test_loosened_lists_only_rules_below_the_defaults():
         "disclosure_k = 2 (default 5)",
         "require_dp_audit = False (default True)",
     )
+
+
+def test_every_rule_declares_which_way_it_loosens():
+    # A rule missing here would crash loosened(); one listed the wrong way would hide a lowered gate. Each way is
+    # checked against a value on the loose side of the default.
+    assert set(LOOSER) == set(Policy.model_fields) and set(LOOSER.values()) <= {"off", "higher", "lower"}
+    for name, way in LOOSER.items():
+        default = getattr(Policy(), name)
+        loose = {"off": False, "higher": None, "lower": None}[way]
+        if way == "off" and not default:
+            continue  # off by default: cannot be loosened
+        if default is None:
+            continue  # unconstrained by default: nothing looser
+        if name == "disclosure_k":
+            loose = 1  # k may not be None
+        assert Policy(**{name: loose}).loosened() == (f"{name} = {'off' if loose is None else loose} "
+                                                      f"(default {default})",), name
