@@ -9,6 +9,9 @@ per-example gradient norms at initialisation (the clipping norm's rationale).
 
     .venv/bin/python benchmarks/bench_dp_plan.py --preset tiny --budget 12800 --eps 1 10 --batches 64 256 512
     .venv/bin/python benchmarks/bench_dp_plan.py --sigma-table
+    .venv/bin/python benchmarks/bench_dp_plan.py --eps 10 --batches 64 \
+        --public ../shared/data/covid_cxr_128.npz ../shared/data/ham10000_64.npz \
+        ../shared/data/ham10000_64.npz+../shared/data/covid_cxr_128.npz
 """
 
 from __future__ import annotations
@@ -76,11 +79,37 @@ def grad_norms(dataset: Path, preset: str, n: int = 64) -> list[float]:
     return sorted(norms)
 
 
+def dp_run(args: argparse.Namespace, dataset: Path, work: Path, n: int, delta: float, eps: float, batch: int,
+           start: str, init: Path | None) -> dict:
+    """One short (DP) training run at `args.budget` example-draws from `init`, scored on val."""
+    from privacy.dp import build_strategy, calibrate_noise_multiplier
+    from privacy.dp_config import DPConfig
+    from synth.train_config import TrainConfig
+    from synth.training import train
+
+    steps = args.budget // batch
+    sigma = calibrate_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=1 / (n // batch),
+                                       steps=steps, accountant="prv") if eps else 0.0
+    cfg = TrainConfig(preset=args.preset, batch_size=batch, max_steps=steps, max_minutes=None,
+                      lr_warmup_steps=max(1, min(10, steps // 10)), condition_attributes=(),
+                      threads=args.threads, checkpoint_every=None, init_from=str(init) if init else None)
+    # ε 0: the non-private reference (same budget, batch and schedule).
+    dp = DPConfig(epsilon=eps, max_physical_batch_size=min(batch, 64)) if eps else None
+    out = work / f"m-{start}-{eps}-{batch}"
+    wall, cpu = time.perf_counter(), time.process_time()
+    train(dataset, out, cfg, privacy=build_strategy(dp, dataset=dataset, noise_multiplicity=1) if dp else None,
+          progress=False)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    true, null = val_losses(out, dataset)
+    return {"start": start, "epsilon": eps, "batch": batch, "steps": steps, "sigma": round(sigma, 3),
+            "noise_per_mean": round(sigma / batch, 5), "val_loss": round(true, 4),
+            "class_gap": round(null - true, 5), "cpu_s": round(cpu, 1), "wall_s": round(wall, 1)}
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from privacy.dp import build_strategy, calibrate_noise_multiplier, default_delta
-    from privacy.dp_config import DPConfig
+    from privacy.dp import default_delta
     from synth.data.ingest import ingest
     from synth.train_config import TrainConfig
     from synth.training import train
@@ -95,35 +124,26 @@ def run(args: argparse.Namespace) -> list[dict]:
     norms = grad_norms(dataset, args.preset)
     print(json.dumps({"grad_norms_at_init": {"min": norms[0], "median": norms[len(norms) // 2], "max": norms[-1]}}),
           flush=True)
-    init = None
-    if args.public:  # public pretraining: a non-private model on the public set, the same budget
-        public = ingest(Path(args.public), work / "public", size=28)
-        init = train(public, work / "public-model", TrainConfig(
-            preset=args.preset, batch_size=64, max_steps=args.budget // 64, max_minutes=None, condition_attributes=(),
-            threads=args.threads, checkpoint_every=None), progress=False)
+    starts = {"fresh": None}
+    # public pretraining: a non-private model on each public set (a '+'-joined list is trained in that order, the
+    # budget split between them), ingested at 28 px with the private set's channels, and every run from it
+    channels = 3 if load_dataset(dataset).images.ndim == 4 else 1
+    for spec in args.public or ():
+        init = None
+        paths = spec.split("+")
+        for i, path in enumerate(paths):
+            public = ingest(Path(path), work / f"public-{len(starts)}-{i}", size=28, channels=channels)
+            init = train(public, work / f"public-model-{len(starts)}-{i}", TrainConfig(
+                preset=args.preset, batch_size=64, max_steps=args.budget // 64 // len(paths), max_minutes=None,
+                condition_attributes=(), threads=args.threads, checkpoint_every=None,
+                init_from=str(init) if init else None), progress=False)
+        starts["+".join(Path(x).stem for x in paths)] = init
     rows = []
-    for eps in args.eps:
-        for batch in args.batches:
-            steps = args.budget // batch
-            sigma = calibrate_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=1 / (n // batch),
-                                               steps=steps, accountant="prv") if eps else 0.0
-            cfg = TrainConfig(preset=args.preset, batch_size=batch, max_steps=steps, max_minutes=None,
-                              lr_warmup_steps=max(1, min(10, steps // 10)), condition_attributes=(),
-                              threads=args.threads, checkpoint_every=None,
-                              init_from=str(init) if init else None)
-            # ε 0: the non-private reference (same budget, batch and schedule).
-            dp = DPConfig(epsilon=eps, max_physical_batch_size=min(batch, 64)) if eps else None
-            out = work / f"m-{eps}-{batch}"
-            wall, cpu = time.perf_counter(), time.process_time()
-            train(dataset, out, cfg, privacy=build_strategy(dp, dataset=dataset, noise_multiplicity=1) if dp else None,
-                  progress=False)
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            true, null = val_losses(out, dataset)
-            row = {"epsilon": eps, "pretrained": bool(init), "batch": batch, "steps": steps, "sigma": round(sigma, 3),
-                   "noise_per_mean": round(sigma / batch, 5), "val_loss": round(true, 4),
-                   "class_gap": round(null - true, 5), "cpu_s": round(cpu, 1), "wall_s": round(wall, 1)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for start, init in starts.items():
+        for eps in args.eps:
+            for batch in args.batches:
+                rows.append(dp_run(args, dataset, work, n, delta, eps, batch, start, init))
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -152,19 +172,20 @@ def main() -> None:
     p.add_argument("--eps", type=float, nargs="+", default=[1.0, 10.0], help="0: non-private reference")
     p.add_argument("--batches", type=int, nargs="+", default=[64, 256, 512])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--public", help="pretrain (non-private, same budget) on this public .npz, ingested at 28 px, "
-                                    "and start every run from it")
+    p.add_argument("--public", nargs="+", help="public starts beside 'fresh': each a public .npz, or several "
+                   "joined by '+' (trained in turn, the budget split), pretrained non-privately with the same budget "
+                   "at 28 px and the private set's channels; every run is repeated from each start")
     p.add_argument("--sigma-table", action="store_true", help="only the accountant's σ grid (seconds, no training)")
     args = p.parse_args()
     if args.sigma_table:
         sigma_table()
         return
     rows = run(args)
-    print("| ε | batch | steps | σ | σ/B | val loss (true class) | class gap | CPU s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| start | ε | batch | steps | σ | σ/B | val loss (true class) | class gap | CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['epsilon']:g} | {r['batch']} | {r['steps']} | {r['sigma']} | {r['noise_per_mean']} | "
-              f"{r['val_loss']} | {r['class_gap']} | {r['cpu_s']} |")
+        print(f"| {r['start']} | {r['epsilon']:g} | {r['batch']} | {r['steps']} | {r['sigma']} | "
+              f"{r['noise_per_mean']} | {r['val_loss']} | {r['class_gap']} | {r['cpu_s']} |")
 
 
 if __name__ == "__main__":
