@@ -74,8 +74,8 @@ from synth.train_world import World, barrier, current_world, rank_seed
 __all__ = [
     "EPSILON_EVERY_S", "LOSS_WINDOW", "MAX_ATTRIBUTE_VALUES", "MAX_CONDITIONS", "ImageConditionDataset",
     "PrivacyStrategy", "TrainingData", "World", "auto_attributes", "cpu_threads", "current_world", "derive_seeds",
-    "learning_rate", "load_training_data", "make_loader", "make_scheduler", "model_config_for", "per_row_loss",
-    "train",
+    "dp_cut_short", "learning_rate", "load_training_data", "make_loader", "make_scheduler", "model_config_for",
+    "per_row_loss", "train",
 ]
 
 HELDOUT_IMAGES = 256  # val images on which a non-private autoencoder's whole-image PSNR is measured
@@ -337,6 +337,18 @@ def _load_init(unet: nn.Module, config: TrainConfig, model_cfg: Any, data: Train
                      image=data.image, dataset_hash=data.dataset_hash, dataset=data_dir, public_dataset=public)
 
 
+def dp_cut_short(stop_reason: str, *, steps: int, planned: int | None, ledger: dict[str, Any]) -> str | None:
+    """The warning for a DP run that the time cap stopped before its planned steps (None otherwise): its noise was
+    calibrated for the planned steps, so part of the ε budget is left unspent and the model trained less."""
+    if stop_reason != "max_minutes" or planned is None or steps >= planned:
+        return None
+    target = ledger.get("target_epsilon")
+    spent = f"ε {ledger.get('epsilon', float('nan')):.3g} spent" + (f" of the {target:g} budgeted" if target else "")
+    return (f"warning: DP training stopped at train.max_minutes after {steps} of {planned} planned steps: {spent} "
+            "(the noise was calibrated for the planned steps); to spend the budget on this machine, raise "
+            "train.max_minutes or lower train.max_steps")
+
+
 def _finish(run: Run, stop_reason: str) -> None:
     """Rank 0: write the model directory (raw and EMA weights, scheduler, model card, privacy ledger)."""
     state, config, privacy = run.state, run.config, run.privacy
@@ -363,6 +375,9 @@ def _finish(run: Run, stop_reason: str) -> None:
         summary = privacy_summary(
             epsilon=privacy.epsilon(), ledger=ledger, noise_multiplicity=privacy.noise_multiplicity
         )
+        short = dp_cut_short(stop_reason, steps=state.step, planned=run.planned, ledger=ledger)
+        if short:
+            stderr_say(short)
     data, world = run.data, run.world
     write_model_dir(
         run.out,
@@ -390,6 +405,7 @@ def _finish(run: Run, stop_reason: str) -> None:
             "license": data.license,
             "attribution": data.attribution,
             "stopped_by": stop_reason,
+            "planned_steps": run.planned,
             "resumed_from_step": run.resumed_from,
             "training_seconds": round(state.elapsed_s, 2),
             "device": describe_device(run.device),

@@ -13,6 +13,7 @@ from privacy.dp_config import DPConfig
 from privacy.dp_plan import KNEE, MIN_STEPS, plan_dp
 from synth.errors import ConfigError
 from synth.train_config import TrainConfig
+from synth.training import dp_cut_short
 
 N, DELTA = 4708, 1e-5
 
@@ -77,3 +78,28 @@ def test_cli_refuses_an_unknown_plan(pneumonia_slice, tmp_path, capsys):
     assert run(["train", str(pneumonia_slice), "--out", str(tmp_path / "m"), "--preset", "tiny", "--dp",
                 "--epsilon", "8", "--dp-plan", "guess"]) == 2
     assert "--dp-plan" in capsys.readouterr().err
+
+
+def test_a_dp_run_cut_by_the_time_cap_says_how_much_budget_it_left(pneumonia_slice, tmp_path, capsys):
+    # A cap far below one step's duration stops after the first of 6 planned steps (no wall-clock assertion): the
+    # noise was calibrated for 6, so ε is under-spent, and the steward is told so, with the fix.
+    out = tmp_path / "model"
+    assert run(["train", str(pneumonia_slice), "--out", str(out), "--preset", "tiny", "--max-steps", "6",
+                "--max-minutes", "1e-9", "--dp", "--epsilon", "8", "--accountant", "rdp", "--no-progress",
+                "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "DP training stopped at train.max_minutes after 1 of 6 planned steps" in err
+    assert "of the 8 budgeted" in err and "raise train.max_minutes" in err
+    card = json.loads((out / "model_card.json").read_text())
+    assert (card["steps"], card["planned_steps"], card["stopped_by"]) == (1, 6, "max_minutes")
+    ledger = json.loads((out / "privacy_ledger.json").read_text())
+    assert ledger["epsilon"] < ledger["target_epsilon"] == 8
+
+
+def test_no_warning_when_the_planned_steps_ran_or_nothing_was_planned():
+    ledger = {"epsilon": 8.0, "target_epsilon": 8.0}
+    assert dp_cut_short("max_steps", steps=6, planned=6, ledger=ledger) is None
+    assert dp_cut_short("max_minutes", steps=6, planned=6, ledger=ledger) is None
+    assert dp_cut_short("max_minutes", steps=3, planned=None, ledger=ledger) is None
+    assert "3 of 6 planned steps: ε 4 spent of the 8 budgeted" in dp_cut_short(
+        "max_minutes", steps=3, planned=6, ledger={"epsilon": 4.0, "target_epsilon": 8.0})
