@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     dataset = ingest(Path(args.data), work / "dataset")
     from synth.data.canonical import load_dataset
 
-    n = load_dataset(dataset).split_size("train")
+    private = load_dataset(dataset)
+    n = private.split_size("train")
     delta = default_delta(n)
     norms = grad_norms(dataset, args.preset)
     print(json.dumps({"grad_norms_at_init": {"min": norms[0], "median": norms[len(norms) // 2], "max": norms[-1]}}),
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     starts = {"fresh": None}
     # public pretraining: a non-private model on each public set (a '+'-joined list is trained in that order, the
     # budget split between them), ingested at 28 px with the private set's channels, and every run from it
-    channels = 3 if load_dataset(dataset).images.ndim == 4 else 1
+    channels = 3 if private.images.ndim == 4 else 1
     for spec in args.public or ():
         init = None
         paths = spec.split("+")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,7 +78,8 @@ class Policy(BaseModel):
 # Which way each rule of `Policy` gets less strict: "higher" (a ceiling raised), "lower" (a floor lowered; k, the
 # smallest group released, too), "off" (a requirement dropped); None (unconstrained) is the loosest of all. Every
 # field is listed here, checked by a test, so a new rule is never judged by its name.
-LOOSER: dict[str, str] = {
+Loosens = Literal["off", "higher", "lower"]
+LOOSER: dict[str, Loosens] = {
     "require_dp": "off", "max_epsilon": "higher", "max_delta": "higher", "max_flagged_fraction": "higher",
     "max_flagged_fraction_before_filter": "higher", "max_membership_auc": "higher",
     "max_membership_tpr_at_1pct_fpr": "higher", "min_tstr_trtr_balanced_accuracy_ratio": "lower",
