@@ -51,6 +51,9 @@ def train_cmd(
                                  "any of its images has the pixels of an image in DATASET.")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes of training.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    fit_dp_steps: Annotated[bool | None, typer.Option(
+        "--fit-dp-steps/--no-fit-dp-steps", help="DP with --max-minutes: time a few steps first and plan only the "
+                                                 "steps that fit, so ε is spent in full (default: on).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Stop after this many passes over the train split.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Examples per step (DP: expected Poisson batch).")] = None,
     attribute: Annotated[
@@ -91,7 +94,8 @@ def train_cmd(
 
     overrides = {
         "max_minutes": max_minutes, "max_steps": max_steps, "epochs": epochs, "batch_size": batch_size,
-        "device": device, "seed": seed, "noise_multiplicity": noise_multiplicity, "kind": kind,
+        "fit_dp_steps": fit_dp_steps, "device": device, "seed": seed, "noise_multiplicity": noise_multiplicity,
+        "kind": kind,
         "checkpoint_every": checkpoint_every, "condition_attributes": list(attribute) if attribute else None,
         "init_from": str(init_from) if init_from is not None else None,
         "init_from_dataset": str(public_dataset) if public_dataset is not None else None,

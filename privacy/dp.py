@@ -165,6 +165,14 @@ class DPStrategy:
             self._autoencoder = DPStrategy(cfg, dataset_size=self.dataset_size, target_delta=self.target_delta)
         return self._autoencoder
 
+    def probe_copy(self) -> DPStrategy:
+        """A fresh strategy with this one's settings and no spend, for the trainer's step-rate probe
+        (`synth.step_fit`): it runs on stand-in data and is thrown away, so nothing it does is accounted."""
+        # RDP calibrates σ in milliseconds where PRV takes seconds; the probe's σ does not change a step's cost.
+        fast = DPConfig(**{**self.config.to_dict(), "accountant": "rdp", "plan": "manual", "plan_record": None})
+        return DPStrategy(fast, dataset_size=self.dataset_size, target_delta=self.target_delta,
+                          noise_multiplicity=self.noise_multiplicity)
+
     def _prior_history(self) -> list[tuple[float, float, int]]:
         """The autoencoder's DP-SGD steps, composed before this strategy's own (empty for a pixel generator)."""
         return [] if self._autoencoder is None else list(self._autoencoder.accountant.history)

@@ -84,6 +84,9 @@ class PrivacyLedger:
     # own events, which are also in `events` and composed into `epsilon`) or reused from a public model ("public":
     # its content hash, licence and source; not covered by the guarantee). None for a pixel generator.
     autoencoder: Mapping[str, Any] | None = None
+    # The planned steps fitted to the time cap before σ was calibrated (`synth.step_fit`): requested and fitted
+    # steps, the probe's measured seconds per step. None: the configured steps were used as given.
+    step_fit: Mapping[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:

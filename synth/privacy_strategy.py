@@ -67,3 +67,13 @@ class LatentPrivacy(Protocol):
     def can_train_autoencoder(self) -> bool: ...
 
     def autoencoder_strategy(self) -> PrivacyStrategy: ...
+
+
+@runtime_checkable
+class ProbePrivacy(Protocol):
+    """What a privacy strategy adds so the trainer can fit a DP run's steps to its time cap (`synth.step_fit`):
+    `probe_copy()` returns a fresh strategy with the same settings whose spend is thrown away, for timing a few
+    steps on stand-in data before this strategy calibrates σ. Optional: without it the planned steps stay as
+    configured."""
+
+    def probe_copy(self) -> PrivacyStrategy: ...

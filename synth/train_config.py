@@ -152,6 +152,9 @@ class TrainConfig(BaseModel):
     epochs: int | None = Field(ge=1)
     max_steps: int | None = Field(ge=1)
     max_minutes: float | None = Field(gt=0)
+    # With DP and max_minutes: time a few steps before σ is calibrated and lower the planned steps to what fits
+    # the cap, so the whole ε is spent (synth.step_fit); the fitted length depends on the machine and is recorded.
+    fit_dp_steps: bool = True
     # Diffusion and conditioning
     beta_schedule: BetaSchedule
     num_train_timesteps: int = Field(ge=10)

@@ -27,11 +27,13 @@ EPSILON_EVERY_S = 15.0  # recomputing ε costs an accountant call; refresh the p
 class _Loop:
     """The loop over one run, with the state that only lives while it runs (progress bar, pending loss, ...)."""
 
-    def __init__(self, run: Run, *, progress: bool, on_step: Callable[[int, float], None] | None):
+    def __init__(self, run: Run, *, progress: bool, on_step: Callable[[int, float], None] | None,
+                 report: bool = True):
         self.run = run
         self.on_step = on_step
         main = run.world.main
-        self.bar = _progress_bar(main, show_bar=progress, total=run.planned, initial=run.state.step,
+        # `report=False` (the step-rate probe): no progress lines at all, not even the throttled log ones.
+        self.bar = _progress_bar(main and report, show_bar=progress, total=run.planned, initial=run.state.step,
                                  private=run.privacy is not None)
         self.amp = autocast(run.device)
         self.signals = StopSignals()
@@ -159,6 +161,12 @@ class _Loop:
         if stop_reason is None and run.config.checkpoint_every and state.step % run.config.checkpoint_every == 0:
             save_checkpoint_of(run)
         return stop_reason
+
+
+def step_function(run: Run) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One training step of `run` (forward, backward, optimizer step) without the loop's bookkeeping: what the
+    DP step-rate probe times (`synth.step_fit`)."""
+    return _Loop(run, progress=False, on_step=None, report=False)._step
 
 
 def run_loop(run: Run, *, progress: bool, on_step: Callable[[int, float], None] | None) -> str:

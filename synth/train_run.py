@@ -59,6 +59,7 @@ class Run:
     last_saved: int = -1  # step of the last checkpoint written by this process (-1: none)
     init_from: dict | None = None  # the model the weights started from (synth.init_from), for the card
     latent: Any = None  # synth.latent_training.LatentParts of a latent generator (None: pixel space)
+    step_fit: dict | None = None  # a DP run's steps fitted to its time cap (synth.step_fit), for card and ledger
 
     def restore_privacy_state(self) -> None:
         """Hand a resumed accountant state to the strategy (once the loader has been fast-forwarded)."""
@@ -142,6 +143,7 @@ def save_checkpoint_of(run: Run) -> None:
             "optimizer": run.optimizer.state_dict(),
             "rng": rng,
             "privacy": privacy,
+            "step_fit": run.step_fit,  # a resumed run keeps this length instead of probing again
         },
     )
 

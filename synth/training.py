@@ -27,16 +27,21 @@ writes the model directory (`_finish`), and re-exports the public names of its p
     synth.train_run         a run's objects, checkpoint and resume          synth.train_loop      the loop
     synth.train_state       position, stopping rules, stop signals          synth.train_world     process group
     synth.train_progress    progress bar and messages                       synth.privacy_strategy  the protocol
+    synth.step_fit          a DP run's steps fitted to its time cap (the probe runs here: it needs `_assemble`)
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import random
 import shutil
+import tempfile
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +58,8 @@ from synth.generator_kind import check_kind_with_dp, resolve_kind
 from synth.latent_training import generator_entry, prepare_latent
 from synth.model import build_unet
 from synth.model_dir import privacy_summary, write_model_dir
-from synth.privacy_strategy import PrivacyStrategy
+from synth.privacy_strategy import PrivacyStrategy, ProbePrivacy
+from synth.step_fit import TIME_MARGIN, StepFit, fitted_steps, time_real_steps
 from synth.train_config import TrainConfig, resolve_class_balance
 from synth.train_data import (
     MAX_ATTRIBUTE_VALUES,
@@ -66,7 +72,7 @@ from synth.train_data import (
     make_loader,
     model_config_for,
 )
-from synth.train_loop import EPSILON_EVERY_S, run_loop
+from synth.train_loop import EPSILON_EVERY_S, run_loop, step_function
 from synth.train_run import Run, clean_unet_copy, resume_from_checkpoint, save_checkpoint_of, saved_snapshots
 from synth.train_state import RunState, planned_steps
 from synth.train_world import World, barrier, current_world, rank_seed
@@ -162,7 +168,8 @@ def _train(
     dataset_dir, out = Path(dataset_dir), Path(out)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
     _check_request(out, ckpt_dir, config, privacy, resume=resume)
-    run = _setup(dataset_dir, out, config, privacy=privacy, ckpt_dir=ckpt_dir)
+    recorded = _recorded_fit(ckpt_dir) if resume and privacy is not None else None
+    run = _setup(dataset_dir, out, config, privacy=privacy, ckpt_dir=ckpt_dir, recorded_fit=recorded)
     if resume:
         resume_from_checkpoint(run, progress=progress)
     stop_reason = run_loop(run, progress=progress, on_step=on_step)
@@ -217,10 +224,11 @@ def _check_request(
 
 
 def _setup(
-    dataset_dir: Path, out: Path, config: TrainConfig, *, privacy: PrivacyStrategy | None, ckpt_dir: Path
+    dataset_dir: Path, out: Path, config: TrainConfig, *, privacy: PrivacyStrategy | None, ckpt_dir: Path,
+    recorded_fit: StepFit | None = None,
 ) -> Run:
-    """Load the data, seed every RNG, build the UNet, optimizer, EMA, schedule and loader, and wrap them for
-    DDP or the privacy strategy: a fresh run at step 0."""
+    """Load the data (and train a latent generator's autoencoder), fit a DP run's steps to its time cap (or apply
+    the fit a checkpoint recorded), then build the run (`_assemble`): a fresh run at step 0."""
     world = current_world()
     data = load_training_data(dataset_dir, config.condition_attributes)
     if len(data) < config.batch_size:
@@ -250,6 +258,25 @@ def _setup(
                                                  where_=dataset_dir, say=stderr_say, privacy=privacy, heldout=heldout)
     else:
         model_cfg = model_config_for(data, config.preset, where_=dataset_dir)
+    elapsed = float(latent.record.get("seconds", 0.0)) if latent is not None else 0.0
+    config, fit = _fit_steps_to_time(config, data, model_cfg, device=device, world=world, privacy=privacy,
+                                     elapsed_s=elapsed, recorded=recorded_fit, dataset_dir=dataset_dir)
+    if fit is not None and recorded_fit is None:
+        elapsed += fit.probe_seconds  # the probe is part of the training budget
+    run = _assemble(dataset_dir, out, config, data, model_cfg, device=device, world=world, privacy=privacy,
+                    ckpt_dir=ckpt_dir, latent=latent)
+    # A preset's max_minutes is the whole training budget: the autoencoder's minutes (and the probe's) count.
+    run.state = RunState(elapsed_s=elapsed)
+    run.step_fit = fit.to_dict() if fit is not None else None
+    return run
+
+
+def _assemble(
+    dataset_dir: Path, out: Path, config: TrainConfig, data: TrainingData, model_cfg: Any, *, device: torch.device,
+    world: World, privacy: PrivacyStrategy | None, ckpt_dir: Path, latent: Any, init: bool = True,
+) -> Run:
+    """Seed every RNG and build the UNet (from `config.init_from` when `init`), optimizer, EMA, schedule and
+    loader for `data`, wrapped for DDP or the privacy strategy: a fresh run at step 0."""
     seeds = derive_seeds(config.seed)
 
     # Global RNGs: dropout (base preset) and Opacus' noise draw from torch's; seed them all for a fresh run.
@@ -266,7 +293,8 @@ def _setup(
     torch.manual_seed(seeds["init"])
     unet: UNet2DModel = build_unet(model_cfg).to(device)
     torch.set_rng_state(init_rng)
-    init_from = _load_init(unet, config, model_cfg, data, dataset_dir)  # before the optimizer and EMA see them
+    # Before the optimizer and EMA see the weights.
+    init_from = _load_init(unet, config, model_cfg, data, dataset_dir) if init else None
     unet.train()
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=config.lr, betas=tuple(config.adam_betas), weight_decay=config.weight_decay
@@ -300,9 +328,95 @@ def _setup(
         seeds=seeds, unet=unet, model=model, raw=raw, optimizer=optimizer, ema=ema, scheduler=scheduler,
         loader=loader, loader_gen=loader_gen, noise_gen=noise_gen, privacy=privacy, ckpt_dir=ckpt_dir,
         planned=planned, batches_per_epoch=batches_per_epoch, latent=latent, init_from=init_from,
-        # A preset's max_minutes is the whole training budget: the autoencoder's minutes count against it.
-        state=RunState(elapsed_s=float(latent.record.get("seconds", 0.0))) if latent is not None else RunState(),
     )
+
+
+def _fit_steps_to_time(
+    config: TrainConfig, data: TrainingData, model_cfg: Any, *, device: torch.device, world: World,
+    privacy: PrivacyStrategy | None, elapsed_s: float, recorded: StepFit | None, dataset_dir: Path,
+) -> tuple[TrainConfig, StepFit | None]:
+    """The config to train with and its step fit (`synth.step_fit`): with DP, a time cap and `fit_dp_steps`, the
+    planned steps lowered to what a probe says fits the time left (a resumed run applies its recorded fit);
+    otherwise the config unchanged and None."""
+    if recorded is not None:
+        return _with_steps(config, recorded), recorded
+    if privacy is None or not config.fit_dp_steps or config.max_minutes is None:
+        return config, None
+    if not isinstance(privacy, ProbePrivacy):
+        return config, None  # a strategy that cannot make a throwaway copy of itself
+    if world.distributed:
+        stderr_say("DP steps not fitted to train.max_minutes: the probe times one process, not a process group")
+        return config, None
+    started = time.perf_counter()
+
+    def time_left() -> float:
+        return 60 * config.max_minutes - elapsed_s - (time.perf_counter() - started)
+
+    planned, probe_steps, per_step = _probe(config, data, model_cfg, device=device, world=world, privacy=privacy,
+                                            dataset_dir=dataset_dir, time_left=time_left)
+    gc.collect()  # Opacus' hooks hold the probe's UNet in reference cycles: free its memory before the real run
+    if planned is None:
+        return config, None  # (DP already refused a run without a planned length)
+    probe_seconds = time.perf_counter() - started
+    budget = 60 * config.max_minutes - elapsed_s - probe_seconds
+    steps = fitted_steps(planned, seconds_per_step=per_step, budget_seconds=budget)
+    if steps < 1:
+        raise ConfigError(where("train config", f"max_minutes {config.max_minutes} leaves no time for a DP step "
+                                                f"on this machine ({per_step:.2f} s per step measured, "
+                                                f"{max(budget, 0):.0f} s left after setup); raise train.max_minutes"))
+    fit = StepFit(requested_steps=planned, steps=steps, seconds_per_step=round(per_step, 4),
+                  probe_steps=probe_steps, probe_seconds=round(probe_seconds, 2), budget_seconds=round(budget, 1),
+                  margin=TIME_MARGIN)
+    if fit.lowered:
+        stderr_say(f"DP steps fitted to train.max_minutes {config.max_minutes:g}: {steps} of the {planned} "
+                   f"planned fit at {per_step:.2f} s per step, so σ is calibrated for {steps} and the whole ε is "
+                   f"spent when they have run; set train.max_steps {steps} and train.fit_dp_steps false to train "
+                   "the same weights on another machine")
+    return _with_steps(config, fit), fit
+
+
+def _probe(
+    config: TrainConfig, data: TrainingData, model_cfg: Any, *, device: torch.device, world: World,
+    privacy: ProbePrivacy, dataset_dir: Path, time_left: Callable[[], float],
+) -> tuple[int | None, int, float]:
+    """Time real DP steps of this run's network, batch and privacy code (a throwaway copy of the strategy) on
+    stand-in data: (the config's planned steps, the steps timed, seconds per step)."""
+    probe_cfg = config.model_copy(update={"checkpoint_every": None, "snapshot_every": None})
+    # Zeros of the training set's shape: the timing, and so the plan, never depends on the private pixels or
+    # labels (0 is a valid condition index).
+    stand_in = replace(data, images=torch.zeros_like(data.images), conditions=torch.zeros_like(data.conditions))
+    with tempfile.TemporaryDirectory(prefix="synthgate-step-probe-") as tmp:
+        probe = _assemble(dataset_dir, Path(tmp) / "model", probe_cfg, stand_in, model_cfg, device=device,
+                          world=world, privacy=privacy.probe_copy(), ckpt_dir=Path(tmp) / "ckpt", latent=None,
+                          init=False)
+        planned = probe.planned
+        if planned is None:
+            return None, 0, 0.0
+
+        def settled(per_step: float) -> bool:  # a precise rate would not change the plan
+            left = time_left()
+            return left <= 0 or planned * per_step <= 0.5 * TIME_MARGIN * left
+
+        timed, seconds = time_real_steps(step_function(probe), lambda: probe.privacy.is_real_step(probe.optimizer),
+                                         lambda: probe.loader, settled=settled)
+    return planned, timed, seconds / timed
+
+
+def _with_steps(config: TrainConfig, fit: StepFit) -> TrainConfig:
+    """`config` planned for the fit's steps (unchanged when they are the requested ones)."""
+    if not fit.lowered:
+        return config
+    return config.model_copy(update={"max_steps": fit.steps})
+
+
+def _recorded_fit(ckpt_dir: Path) -> StepFit | None:
+    """The step fit a checkpoint in `ckpt_dir` was trained under (None: no checkpoint, or no fit)."""
+    if not has_checkpoint(ckpt_dir):
+        return None
+    from synth.checkpoint import load_checkpoint
+
+    record = load_checkpoint(ckpt_dir, map_location="cpu").get("step_fit")
+    return StepFit.from_dict(record) if record else None
 
 
 def _init_kind(config: TrainConfig) -> str | None:
@@ -366,7 +480,7 @@ def _finish(run: Run, stop_reason: str) -> None:
     run.ema.copy_to(ema_unet.parameters())
     summary = ledger = None
     if privacy is not None:
-        ledger = {**privacy.ledger(), "public_pretraining": run.init_from}
+        ledger = {**privacy.ledger(), "public_pretraining": run.init_from, "step_fit": run.step_fit}
         if run.latent is not None and run.latent.record.get("trained_on") == "public":
             # The strategy never saw this autoencoder: say which public model it is and that ε does not cover it.
             ledger["autoencoder"] = {"trained_with": "public", "frozen": True,
@@ -406,6 +520,7 @@ def _finish(run: Run, stop_reason: str) -> None:
             "attribution": data.attribution,
             "stopped_by": stop_reason,
             "planned_steps": run.planned,
+            "step_fit": run.step_fit,
             "resumed_from_step": run.resumed_from,
             "training_seconds": round(state.elapsed_s, 2),
             "device": describe_device(run.device),
