@@ -178,6 +178,9 @@ def main() -> None:
                    "at 28 px and the private set's channels; every run is repeated from each start")
     p.add_argument("--sigma-table", action="store_true", help="only the accountant's σ grid (seconds, no training)")
     args = p.parse_args()
+    names = ["+".join(Path(x).stem for x in spec.split("+")) for spec in args.public or ()]
+    if len(set(names)) != len(names):  # each start is a row key: a repeated one would overwrite the first
+        p.error(f"--public names a start twice: {' '.join(args.public)}")
     if args.sigma_table:
         sigma_table()
         return
