@@ -24,7 +24,8 @@ from typing import Any
 # Of the time left after the probe, the share the planned steps may fill. The rest absorbs what the probe does not
 # see: EMA updates, checkpoints and snapshots, ε refreshes, and the spread of step times (Poisson batch sizes, a
 # shared machine). Measured on PneumoniaMNIST's `quality` UNet with DP on 2 cores: runs of 15 steps vary by ±12%
-# on a quiet machine, and whole runs ran 1.10-1.23x the probe's seconds per step (benchmarks/README.md).
+# on a quiet machine, and whole runs averaged 0.98-1.37x (mean 1.16x) the probe's seconds per step
+# (benchmarks/README.md, "Steps fitted to the clock").
 TIME_MARGIN = 0.85
 PROBE_WARMUP_STEPS = 1  # not timed: the first step allocates buffers and installs Opacus' hooks
 PROBE_MIN_STEPS = 8  # timed real steps, at least ...
