@@ -83,7 +83,9 @@ def save_checkpoint(ckpt_dir: Path, state: dict[str, Any]) -> Path:
     with atomic_file(ckpt_dir / SUMMARY) as tmp:
         write_json(
             tmp,
-            {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "elapsed_s", "dataset") if k in state},
+            # step_fit: read before the run is rebuilt (synth.training._recorded_fit), without loading the weights.
+            {k: state[k] for k in ("step", "epoch", "batch_in_epoch", "elapsed_s", "dataset", "step_fit")
+             if k in state},
         )
     return path
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import os
 import random
@@ -410,12 +411,17 @@ def _with_steps(config: TrainConfig, fit: StepFit) -> TrainConfig:
 
 
 def _recorded_fit(ckpt_dir: Path) -> StepFit | None:
-    """The step fit a checkpoint in `ckpt_dir` was trained under (None: no checkpoint, or no fit)."""
+    """The step fit a checkpoint in `ckpt_dir` was trained under (None: no checkpoint, or no fit), from its JSON
+    summary: the weights are loaded once, by the resume itself, whose config check refuses a summary that
+    disagrees with them (the fitted `max_steps` is part of the saved config)."""
     if not has_checkpoint(ckpt_dir):
         return None
-    from synth.checkpoint import load_checkpoint
+    from synth.checkpoint import SUMMARY
 
-    record = load_checkpoint(ckpt_dir, map_location="cpu").get("step_fit")
+    try:
+        record = json.loads((Path(ckpt_dir) / SUMMARY).read_text()).get("step_fit")
+    except (OSError, ValueError, AttributeError):
+        return None  # no readable summary: resume without a recorded fit (the config check still applies)
     return StepFit.from_dict(record) if record else None
 
 

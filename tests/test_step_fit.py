@@ -86,6 +86,16 @@ def test_the_probe_times_real_dp_steps_and_keeps_a_plan_that_fits(pneumonia_slic
     assert ledger["steps"] == 6
 
 
+def test_the_probe_copy_has_the_settings_and_none_of_the_spend():
+    release = make_strategy(DPConfig(target_epsilon=EPS, max_grad_norm=0.5, max_physical_batch_size=8), dataset_size=64,
+                            noise_multiplicity=2)
+    probe = release.probe_copy()
+    assert probe is not release and not probe.accountant.history
+    assert (probe.config.max_grad_norm, probe.config.max_physical_batch_size, probe.noise_multiplicity,
+            probe.target_delta, probe.dataset_size) == (0.5, 8, 2, release.target_delta, 64)
+    assert probe.config.accountant == "rdp"  # its σ only has to exist: calibrate it in milliseconds
+
+
 def test_without_dp_or_with_the_fit_off_nothing_is_probed(pneumonia_slice, tmp_path, monkeypatch):
     def no_probe(*_, **__):
         raise AssertionError("probed")
