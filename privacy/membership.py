@@ -302,6 +302,7 @@ def membership_audit(model_dir: Path, real_dir: Path, *, config: MembershipConfi
     if max(asked) >= total:
         raise ConfigError(where(model_dir, f"timestep {max(asked)} outside the model's 0..{total - 1}"))
     alphas = scheduler.alphas_cumprod.float()
+    prediction = str(scheduler.config.get("prediction_type", "epsilon"))
     x0 = to_model_input(sets.images)
     if getattr(pipe, "vae", None) is not None:  # a latent generator's UNet is queried on the images' latents
         x0 = torch.cat([pipe.encode(b).float().cpu() for b in x0.split(config.batch_size)])
@@ -315,7 +316,8 @@ def membership_audit(model_dir: Path, real_dir: Path, *, config: MembershipConfi
             gen = torch.Generator().manual_seed(int(seeds[0].generate_state(1)[0]))
             noise = torch.randn((config.loss_noise_draws, *x0.shape[1:]), generator=gen)
             errors = _check_finite(name, loss_errors(unet, alphas, x0, y, timesteps=config.loss_timesteps,
-                                                     noise=noise, batch_size=config.batch_size), model_dir)
+                                                     noise=noise, batch_size=config.batch_size,
+                                                     prediction_type=prediction), model_dir)
             scores = -errors.mean(axis=(1, 2))
             per_t = {str(t): roc_auc(-errors[sets.is_member, j].mean(1), -errors[~sets.is_member, j].mean(1))
                      for j, t in enumerate(config.loss_timesteps)}
@@ -330,7 +332,8 @@ def membership_audit(model_dir: Path, real_dir: Path, *, config: MembershipConfi
             )
         else:
             dist = _check_finite(name, pia_distances(unet, alphas, x0, y, timestep=config.pia_timestep,
-                                                     p=config.pia_p, batch_size=config.batch_size), model_dir)
+                                                     p=config.pia_p, batch_size=config.batch_size,
+                                                     prediction_type=prediction), model_dir)
             attacks[name] = _evaluate(
                 name, -dist, sets, config, timesteps=[0, config.pia_timestep],
                 params={"p": config.pia_p, "queries_per_image": 2}, seconds=time.monotonic() - t0,

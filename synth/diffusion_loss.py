@@ -1,5 +1,6 @@
-"""The diffusion objective: the training noise schedule, the per-row epsilon-prediction loss, the learning-rate
-schedule and the run's derived seeds (all pure functions of their inputs)."""
+"""The diffusion objective: the training noise schedule, the per-row denoising loss (epsilon or v prediction), the
+conversion of a model's output to its noise estimate, the learning-rate schedule and the run's derived seeds (all
+pure functions of their inputs)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ from synth.train_config import TrainConfig
 
 
 def make_scheduler(config: TrainConfig, *, latent: bool = False):  # -> diffusers.DDPMScheduler
-    """The training noise schedule (epsilon prediction; x0 clipped to [-1, 1] when sampling pixels, not latents,
-    whose unit-variance values lie well outside that range)."""
+    """The training noise schedule, with the config's prediction type (x0 clipped to [-1, 1] when sampling pixels,
+    not latents, whose unit-variance values lie well outside that range)."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
-        prediction_type="epsilon",
+        prediction_type=config.prediction_type,
         clip_sample=not latent,
     )
 
@@ -41,10 +42,13 @@ def per_row_loss(
     part: tuple[int, int] | None = None,
     min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """Epsilon-prediction MSE of each of the B·K rows (example i owns rows i·K … i·K+K-1), fp32, shape (B·K,).
+    """Denoising MSE of each of the B·K rows (example i owns rows i·K … i·K+K-1), fp32, shape (B·K,), against the
+    scheduler's prediction type: the noise ε, or the velocity v = √ᾱ_t·ε − √(1−ᾱ_t)·x0.
 
     With `min_snr_gamma` γ a row at timestep t is weighted min(SNR(t), γ) / SNR(t) (Min-SNR-γ, Hang et al. 2023):
-    the nearly noise-free steps, whose epsilon targets are hard and matter little to samples, stop dominating.
+    the nearly noise-free steps, whose epsilon targets are hard and matter little to samples, stop dominating. The
+    v loss equals the ε loss times 1 + SNR, so its Min-SNR weight is min(SNR(t), γ) / (SNR(t) + 1): the same
+    weighting of the x0 error.
 
     Timesteps, noise and condition dropout come from `generator` (on the images' device), in that order, always
     drawn for the whole batch. `part=(lo, hi)` then runs the model on examples lo … hi-1 only and returns their
@@ -72,12 +76,28 @@ def per_row_loss(
     noisy = scheduler.add_noise(x0, noise, t)
     with amp if amp is not None else contextlib.nullcontext():
         pred = unet(noisy, t, class_labels=cond).sample
-    rows_loss = (pred.float() - noise).pow(2).flatten(1).mean(dim=1)
+    velocity = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(x0, noise, t) if velocity else noise
+    rows_loss = (pred.float() - target).pow(2).flatten(1).mean(dim=1)
     if min_snr_gamma is not None:
         alpha_bar = scheduler.alphas_cumprod.to(device)[t].float()
         snr = alpha_bar / (1 - alpha_bar)
-        rows_loss = rows_loss * torch.clamp(snr, max=min_snr_gamma) / snr
+        rows_loss = rows_loss * torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if velocity else snr)
     return rows_loss
+
+
+def noise_estimate(output: torch.Tensor, noisy: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str
+                   ) -> torch.Tensor:
+    """The model's estimate of ε from its output at noisy input x_t with ᾱ_t = `alpha_bar` (a scalar or one value
+    per row): the output itself for epsilon prediction; √(1−ᾱ)·x_t + √ᾱ·v for v prediction (x_t = √ᾱ·x0 + √(1−ᾱ)·ε
+    and v = √ᾱ·ε − √(1−ᾱ)·x0 give ε back exactly). Callers that score noise estimates (the membership attacks)
+    then work for either kind."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type != "v_prediction":
+        raise ValueError(f"prediction_type {prediction_type!r} is not epsilon or v_prediction")
+    a = alpha_bar.to(output.dtype).reshape(-1, *([1] * (output.ndim - 1))) if alpha_bar.ndim else alpha_bar
+    return (1 - a).sqrt() * noisy + a.sqrt() * output
 
 
 def learning_rate(config: TrainConfig, step: int, total_steps: int | None) -> float:

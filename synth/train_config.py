@@ -42,6 +42,8 @@ from synth.config import build, load_yaml
 
 PresetName = Literal["tiny", "small", "quality", "base"]
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+# What the UNet predicts: the noise (epsilon) or the velocity v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022).
+PredictionType = Literal["epsilon", "v_prediction"]
 # pixel: the UNet denoises pixels; latent: an autoencoder is trained first and the UNet denoises its latents;
 # auto: chosen from the image size, device and DP at training time (synth.generator_kind.resolve_kind).
 GeneratorKind = Literal["auto", "pixel", "latent"]
@@ -55,6 +57,7 @@ _COMMON: dict[str, Any] = {
     "condition_attributes": "auto",
     "noise_multiplicity": 1,
     "min_snr_gamma": None,
+    "prediction_type": "epsilon",
     "class_balance": "auto",
     "seed": 0,
     "device": "auto",
@@ -164,6 +167,8 @@ class TrainConfig(BaseModel):
     noise_multiplicity: int = Field(ge=1)  # K (noise, timestep) draws per example and step
     # Min-SNR-γ loss weighting (None: plain epsilon MSE); see synth.training.per_row_loss.
     min_snr_gamma: float | None = Field(gt=0)
+    # epsilon or v_prediction; stored in the model's scheduler config, which every sampler is built from.
+    prediction_type: PredictionType
     # Class-balanced batches: an example of class c is drawn with weight n_c^-class_balance (0: the data's own
     # order and prior; 1: every class equally often). Non-private runs only: DP-SGD's accountant assumes uniform
     # Poisson sampling. "auto" (small, quality, base): 1 without DP, 0 with DP (`resolve_class_balance`). See
