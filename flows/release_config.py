@@ -231,6 +231,9 @@ class ReleaseConfig(BaseModel):
         if pre.train.preset != self.train.preset:
             raise ValueError(f"public_pretraining.train.preset {pre.train.preset!r} differs from train.preset "
                              f"{self.train.preset!r}: fine-tuning needs the same UNet")
+        if pre.train.prediction_type != self.train.prediction_type:
+            raise ValueError(f"public_pretraining.train.prediction_type {pre.train.prediction_type!r} differs from "
+                             f"train.prediction_type {self.train.prediction_type!r}: set both")
         if pre.train.init_from is not None:
             raise ValueError("public_pretraining.train.init_from must be empty (pretraining starts fresh)")
         return self

@@ -28,12 +28,12 @@ _EMBEDDING = "class_embedding.weight"
 
 def load_init(unet: torch.nn.Module, model_dir: Path, *, model_cfg: ModelConfig, class_names: list[str],
               image: dict[str, int], dataset_hash: str, dataset: Path,
-              public_dataset: Path | None = None) -> dict[str, Any]:
+              public_dataset: Path | None = None, prediction_type: str = "epsilon") -> dict[str, Any]:
     """Load `model_dir`'s EMA weights into the fresh `unet` (built from `model_cfg` for the private `dataset`) and
     return the card's `init_from` record (the public model's content hash, its data's hash, licence and source,
     what was loaded, the overlap check). Refuses a model that was trained on this very dataset, or whose image
-    shape or UNet differ; with `public_dataset`, one that is not the model's data or shares an image with
-    `dataset`."""
+    shape, UNet or prediction type (epsilon or v) differ; with `public_dataset`, one that is not the model's data
+    or shares an image with `dataset`."""
     from diffusers import UNet2DModel
 
     from synth.layout import EMA_DIR
@@ -56,6 +56,10 @@ def load_init(unet: torch.nn.Module, model_dir: Path, *, model_cfg: ModelConfig,
     if differing:
         shown = ", ".join(f"{k} {their_cfg.get(k)!r} vs {mine[k]!r}" for k in differing)
         raise InputError(where(model_dir, f"has another UNet ({shown}); train with the same preset"))
+    theirs_predict = (card.config.get("train") or {}).get("prediction_type", "epsilon")
+    if theirs_predict != prediction_type:
+        raise InputError(where(model_dir, f"was trained to predict {theirs_predict}, this run predicts "
+                                          f"{prediction_type}; pretrain with the same train.prediction_type"))
     public = UNet2DModel.from_pretrained(model_dir / EMA_DIR, low_cpu_mem_usage=False)
     state = {k: v.detach().clone() for k, v in public.state_dict().items()}
     their_names = list(card.class_names or [])

@@ -454,7 +454,8 @@ def _load_init(unet: nn.Module, config: TrainConfig, model_cfg: Any, data: Train
 
     public = Path(config.init_from_dataset) if config.init_from_dataset is not None else None
     return load_init(unet, Path(config.init_from), model_cfg=model_cfg, class_names=list(data.space.class_names),
-                     image=data.image, dataset_hash=data.dataset_hash, dataset=data_dir, public_dataset=public)
+                     image=data.image, dataset_hash=data.dataset_hash, dataset=data_dir, public_dataset=public,
+                     prediction_type=config.prediction_type)
 
 
 def dp_cut_short(stop_reason: str, *, steps: int, planned: int | None, ledger: dict[str, Any]) -> str | None:

@@ -88,7 +88,8 @@ def test_dp_fine_tuning_records_the_public_model_in_card_ledger_and_datasheet_te
     assert public_card["content_hash"][:16] in statement
 
 
-def test_mismatched_models_are_refused_in_one_line(public_dataset, pneumonia_slice, data_dir, tmp_path, capsys):
+def test_mismatched_models_are_refused_in_one_line(public_dataset, public_model, pneumonia_slice, data_dir, tmp_path,
+                                                   capsys):
     # Another UNet (the small preset) and another image size (64 px) are refused before training.
     small = train(public_dataset, tmp_path / "small", TrainConfig(**{**FAST, "preset": "small", "max_steps": 1}),
                   progress=False)
@@ -109,7 +110,12 @@ def test_mismatched_models_are_refused_in_one_line(public_dataset, pneumonia_sli
     assert run([*argv, "--out", str(tmp_path / "d"), "--init-from", str(small), "--public-dataset",
                 str(pneumonia_slice)]) == 2
     assert "is not the dataset the init_from model was trained on" in capsys.readouterr().err
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    # An epsilon model cannot start a v-prediction run (its outputs mean something else).
+    (tmp_path / "v.yaml").write_text("prediction_type: v_prediction\n")
+    assert run([*argv, "--out", str(tmp_path / "e"), "--config", str(tmp_path / "v.yaml"), "--init-from",
+                str(public_model)]) == 2
+    assert "was trained to predict epsilon, this run predicts v_prediction" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in "abcde")
 
 
 def test_overlap_with_the_private_set_is_refused(pneumonia_dataset, pneumonia_slice, public_dataset):
@@ -165,5 +171,8 @@ def test_release_config_refuses_inconsistent_public_pretraining(data_dir):
         ReleaseConfig.model_validate({"train": {"preset": "tiny"}, "public_pretraining": pre})
     with pytest.raises(ValueError, match="not both"):
         ReleaseConfig.model_validate({"train": {"preset": "small", "init_from": "m"}, "public_pretraining": pre})
+    with pytest.raises(ValueError, match=r"prediction_type 'epsilon' differs from train\.prediction_type 'v_pred"):
+        ReleaseConfig.model_validate({"train": {"preset": "small", "prediction_type": "v_prediction"},
+                                      "public_pretraining": pre})
     with pytest.raises(ValueError, match="license"):
         ReleaseConfig.model_validate({"public_pretraining": {k: v for k, v in pre.items() if k != "license"}})
