@@ -62,7 +62,12 @@ def test_version(capsys):
 
 
 def test_shell_completion_script_and_completions(capsys, monkeypatch):
-    assert run(["--show-completion", "bash"]) == 0
+    # --show-completion is a flag: typer detects the shell from the parent processes, which a detached run (no
+    # shell above it) does not have, so the detection is pinned to bash here.
+    import typer.completion
+
+    monkeypatch.setattr(typer.completion, "_get_shell_name", lambda: "bash")
+    assert run(["--show-completion"]) == 0
     assert "_synthgate_completion" in capsys.readouterr().out
     # What the installed script does on <TAB>: call synthgate with the completion variables set.
     monkeypatch.setenv("_SYNTHGATE_COMPLETE", "complete_bash")
