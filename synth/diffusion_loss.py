@@ -46,9 +46,9 @@ def per_row_loss(
     scheduler's prediction type: the noise ε, or the velocity v = √ᾱ_t·ε − √(1−ᾱ_t)·x0.
 
     With `min_snr_gamma` γ a row at timestep t is weighted min(SNR(t), γ) / SNR(t) (Min-SNR-γ, Hang et al. 2023):
-    the nearly noise-free steps, whose epsilon targets are hard and matter little to samples, stop dominating. The
-    v loss equals the ε loss times 1 + SNR, so its Min-SNR weight is min(SNR(t), γ) / (SNR(t) + 1): the same
-    weighting of the x0 error.
+    the nearly noise-free steps, whose epsilon targets are hard and matter little to samples, stop dominating. In
+    x0-error terms the ε loss is SNR·‖x̂0 − x0‖² and the v loss (SNR + 1)·‖x̂0 − x0‖², so the v loss is weighted
+    min(SNR(t), γ) / (SNR(t) + 1): the same weighting of the x0 error.
 
     Timesteps, noise and condition dropout come from `generator` (on the images' device), in that order, always
     drawn for the whole batch. `part=(lo, hi)` then runs the model on examples lo … hi-1 only and returns their
